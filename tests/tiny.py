@@ -1,0 +1,69 @@
+"""Tiny random models of every supported family, and a small real tokenizer, built offline."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+VOCAB = 300
+NUM_BLOCKS = 8
+_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: What is the capital of France? Answer: Paris",
+    "To boil water, put a pot on the stove and turn on the heat.",
+    "Science asks questions and tests the answers with experiments.",
+] * 4
+
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+FAMILIES = {
+    "llama": lambda: T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True, **_COMMON),
+    "qwen2": lambda: T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                                   num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=4, **_COMMON),
+    "mistral": lambda: T.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                                       num_key_value_heads=2, sliding_window=4, **_COMMON),
+    "gemma3": lambda: T.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, sliding_window=4, **_COMMON),
+    "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=NUM_BLOCKS, n_head=4, n_positions=128, **_COMMON),
+    "opt": lambda: T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                               max_position_embeddings=128, word_embed_proj_dim=32, **_COMMON),
+    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                                        max_position_embeddings=128, **_COMMON),
+    "bloom": lambda: T.BloomConfig(hidden_size=32, n_layer=NUM_BLOCKS, n_head=4, **_COMMON),
+    "phi": lambda: T.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                               max_position_embeddings=128, **_COMMON),
+}
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(FAMILIES[family]())
+    model.eval()
+    return model
+
+
+@functools.cache
+def _tokenizer_json() -> str:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_TEXT, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    return T.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                     pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_checkpoint(family: str, path, seed: int = 0):
+    model = tiny_model(family, seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model
