@@ -182,3 +182,13 @@ def bundle_fingerprint(manifest: dict) -> str:
     """Identity of a bundle: SHA-256 over its file hashes (what the manifest vouches for)."""
     entries = sorted((name, meta["sha256"]) for name, meta in manifest["files"].items())
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: object) -> torch.dtype:
+    """A floating dtype from its name, as written in manifests and on the command line."""
+    if name not in DTYPES:
+        raise BundleError(f"unsupported dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]

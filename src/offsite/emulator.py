@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .bundle import bundle_fingerprint, read_manifest, write_bundle
+from .bundle import bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, write_bundle
 from .errors import BundleError
-from .methods import Emulator
+from .methods import Emulator, build_emulator
 from .surgery import BlockLayout, discover_layout
 
 
@@ -95,7 +95,7 @@ def load_emulator(bundle_dir: str | Path, dtype: torch.dtype | None = None, devi
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             bundle_dir,
-            dtype=dtype or getattr(torch, manifest["base"].get("dtype", "float32"), torch.float32),
+            dtype=dtype or parse_dtype(manifest["base"].get("dtype", "float32")),
             local_files_only=True,
             use_safetensors=True,
             trust_remote_code=False,
@@ -114,3 +114,35 @@ def load_emulator(bundle_dir: str | Path, dtype: torch.dtype | None = None, devi
         model.to(device)
     model.eval()
     return LoadedEmulator(model, tokenizer, manifest, layout)
+
+
+def compress_checkpoint(
+    model_path: str | Path,
+    out_dir: str | Path,
+    method: str = "layerdrop",
+    config=None,
+    dtype: torch.dtype = torch.float32,
+    base_name: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Owner recipe: load the base checkpoint, build the emulator, write the emulator bundle."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise BundleError(f"output already exists, not overwriting: {out_dir}")
+    model, tokenizer = load_checkpoint(model_path, dtype)
+    emulator = build_emulator(model, method, config)
+    return save_emulator(emulator, tokenizer, out_dir, model_fingerprint(model), base_name or str(model_path), overwrite=overwrite)
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a local HF checkpoint (safetensors only) and its tokenizer, with one-line errors."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {path}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"cannot load checkpoint {path} ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,196 @@
+"""Adapter bundles: the trained adapter, keyed by the *original* block indices of the full model.
+
+Two kinds travel back to the owner:
+- full blocks: `adapter.safetensors` with keys `<blocks path>.<original index>.<param>`;
+- LoRA: a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) whose
+  target modules already name the full model's modules, so `PeftModel.from_pretrained(full, dir)`
+  works as is. Only the fields offsite wrote are ever read back from `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .bundle import bundle_fingerprint, read_manifest, write_bundle
+from .emulator import LoadedEmulator
+from .errors import BundleError
+from .surgery import BlockLayout
+
+FULL_WEIGHTS = "adapter.safetensors"
+LORA_WEIGHTS = "adapter_model.safetensors"
+LORA_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+# The only LoRA settings a returned adapter may carry; anything else (e.g. modules_to_save,
+# which would let it replace the LM head) makes the bundle invalid.
+LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias")
+MAX_LORA_RANK = 4096
+
+
+@dataclass
+class LoraSettings:
+    r: int
+    lora_alpha: float
+    target_modules: list[str]
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+
+    def to_peft(self, base_name: str = "") -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.target_modules),
+            fan_in_fan_out=self.fan_in_fan_out,
+            bias=self.bias,
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_name or None,
+        )
+
+
+def _to_original(layout: BlockLayout, key: str, block_map: list[int]) -> str:
+    """Rename a model-relative key from emulator block numbering to original numbering."""
+    parsed = layout.parse_block_key(key)
+    if parsed is None:
+        raise BundleError(f"trained parameter {key} is outside the adapter blocks")
+    return layout.block_key(block_map[parsed[0]], parsed[1])
+
+
+def adapter_tensors(model, emulator: LoadedEmulator) -> dict[str, torch.Tensor]:
+    """The adapter's trained tensors, renamed to the full model's keys."""
+    layout, block_map = emulator.layout, emulator.block_map
+    if isinstance(model, PeftModel):
+        out = {}
+        for key, value in get_peft_model_state_dict(model).items():
+            rel = key.removeprefix(PEFT_PREFIX)
+            out[PEFT_PREFIX + _to_original(layout, rel, block_map)] = value.detach().cpu().contiguous()
+        return out
+    blocks = model.get_submodule(layout.blocks)
+    return {
+        layout.block_key(block_map[i], name): p.detach().cpu().contiguous()
+        for i in emulator.trainable
+        for name, p in blocks[i].named_parameters()
+    }
+
+
+def save_adapter(
+    model,
+    emulator: LoadedEmulator,
+    out_dir: str | Path,
+    training: dict,
+    metrics: dict | None = None,
+    lora: LoraSettings | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the adapter bundle the data owner sends back."""
+    tensors = adapter_tensors(model, emulator)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    base = emulator.manifest["base"]
+    manifest = {
+        "base": base,
+        "emulator": {"fingerprint": emulator.fingerprint, "method": emulator.manifest["method"]},
+        "adapter": {
+            "type": "lora" if lora else "full",
+            "blocks_path": emulator.layout.blocks,
+            "blocks": emulator.manifest["blocks"]["adapter"],
+            "weights": LORA_WEIGHTS if lora else FULL_WEIGHTS,
+            "dtypes": dtypes,
+            "num_tensors": len(tensors),
+            "num_parameters": sum(t.numel() for t in tensors.values()),
+        },
+        "training": training,
+        "metrics": metrics or {},
+    }
+
+    def write(tmp: Path) -> None:
+        if lora:
+            save_file(tensors, tmp / LORA_WEIGHTS, metadata={"format": "pt"})
+            lora.to_peft(base.get("name", "")).save_pretrained(tmp)
+        else:
+            save_file(tensors, tmp / FULL_WEIGHTS, metadata={"format": "pt"})
+
+    return write_bundle(out_dir, "adapter", manifest, write, overwrite=overwrite)
+
+
+@dataclass
+class AdapterBundle:
+    manifest: dict
+    tensors: dict[str, torch.Tensor]
+    lora: LoraSettings | None
+
+    @property
+    def blocks(self) -> list[int]:
+        return self.manifest["adapter"]["blocks"]
+
+    @property
+    def blocks_path(self) -> str:
+        return self.manifest["adapter"]["blocks_path"]
+
+    @property
+    def fingerprint(self) -> str:
+        return bundle_fingerprint(self.manifest)
+
+
+def load_adapter(bundle_dir: str | Path) -> AdapterBundle:
+    """Verify an adapter bundle and read its tensors (safetensors only) and LoRA settings."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir, kind="adapter")
+    spec = manifest.get("adapter")
+    if (
+        not isinstance(spec, dict)
+        or spec.get("type") not in ("full", "lora")
+        or not isinstance(spec.get("blocks_path"), str)
+        or not isinstance(spec.get("blocks"), list)
+        or not all(type(i) is int for i in spec["blocks"])
+        or not isinstance(manifest.get("base"), dict)
+        or not isinstance(manifest["base"].get("fingerprint"), str)
+    ):
+        raise BundleError(f"adapter manifest has a malformed 'adapter' or 'base' section: {bundle_dir}")
+    weights = LORA_WEIGHTS if spec["type"] == "lora" else FULL_WEIGHTS
+    if weights not in manifest["files"]:
+        raise BundleError(f"adapter bundle lacks {weights}: {bundle_dir}")
+    try:
+        tensors = load_file(bundle_dir / weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{weights} is not a readable safetensors file ({e}): {bundle_dir}") from None
+    lora = _read_lora(bundle_dir, manifest) if spec["type"] == "lora" else None
+    return AdapterBundle(manifest, tensors, lora)
+
+
+def _read_lora(bundle_dir: Path, manifest: dict) -> LoraSettings:
+    if LORA_CONFIG not in manifest["files"]:
+        raise BundleError(f"LoRA adapter bundle lacks {LORA_CONFIG}: {bundle_dir}")
+    try:
+        raw = json.loads((bundle_dir / LORA_CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BundleError(f"{LORA_CONFIG} is not valid JSON: {bundle_dir}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{LORA_CONFIG} is not a JSON object: {bundle_dir}")
+    for field in ("modules_to_save", "trainable_token_indices", "layers_to_transform"):
+        if raw.get(field):
+            raise BundleError(f"{LORA_CONFIG} sets {field}, which offsite adapters never use: {bundle_dir}")
+    settings = {k: raw[k] for k in LORA_FIELDS if k in raw}
+    r, alpha, targets = settings.get("r"), settings.get("lora_alpha"), settings.get("target_modules")
+    ok = (
+        type(r) is int
+        and 0 < r <= MAX_LORA_RANK
+        and isinstance(alpha, (int, float))
+        and math.isfinite(alpha)
+        and isinstance(targets, list)
+        and targets
+        and all(isinstance(t, str) for t in targets)
+        and settings.get("bias", "none") == "none"
+        and isinstance(settings.get("fan_in_fan_out", False), bool)
+        and isinstance(settings.get("lora_dropout", 0.0), (int, float))
+    )
+    if not ok:
+        raise BundleError(f"{LORA_CONFIG} has invalid LoRA settings (r, lora_alpha, target_modules, bias): {bundle_dir}")
+    return LoraSettings(**settings)

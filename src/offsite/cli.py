@@ -1,0 +1,275 @@
+"""`offsite` command line. Every step also runs from a YAML file: `offsite STEP --config step.yaml`.
+
+Options of the config dataclasses (method configs, FinetuneConfig) become flags automatically,
+so the CLI, YAML keys and the Python API never drift apart. Precedence: defaults < YAML < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError, OffsiteError
+
+
+# ---------------------------------------------------------------- dataclass <-> argparse / YAML
+def _base_type(tp):
+    """int for `int | None`, list[int] for `list[int] | None`, etc."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str] | None = None) -> None:
+    """One `--field-name` flag per dataclass field; unset flags stay out of the namespace."""
+    seen = seen if seen is not None else set()
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in seen:
+            continue
+        seen.add(field.name)
+        flag = "--" + field.name.replace("_", "-")
+        tp = _base_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else None
+        kw = dict(dest=field.name, default=argparse.SUPPRESS, help=f"(default: {default})")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, type=_int_list, metavar="I,J,...", **kw)
+        else:
+            parser.add_argument(flag, type=tp, **kw)
+
+
+def build_dataclass(cls, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no option(s) {unknown}")
+    return cls(**values)
+
+
+def load_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def merged_options(args: argparse.Namespace) -> dict:
+    """YAML values overridden by the flags given on the command line."""
+    opts = load_yaml(getattr(args, "config", None))
+    opts.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func")})
+    return opts
+
+
+def take(opts: dict, name: str, default=dataclasses.MISSING):
+    if name in opts:
+        return opts.pop(name)
+    if default is dataclasses.MISSING:
+        raise ConfigError(f"missing required option --{name.replace('_', '-')} (on the command line or in --config)")
+    return default
+
+
+def split_for(cls, opts: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: opts.pop(k) for k in list(opts) if k in names}
+
+
+# ---------------------------------------------------------------- commands
+def cmd_compress(opts: dict) -> None:
+    from .bundle import parse_dtype
+    from .emulator import compress_checkpoint
+    from .methods import get_method, make_config
+    from .models import resolve_model
+
+    method = take(opts, "method", "layerdrop")
+    model_path, name = resolve_model(take(opts, "model"))
+    out = take(opts, "out")
+    dtype = parse_dtype(take(opts, "dtype", "float32"))
+    overwrite = take(opts, "overwrite", False)
+    config = make_config(method, **split_for(get_method(method).config_class, opts))
+    _reject_leftovers(opts)
+    path = compress_checkpoint(model_path, out, method, config, dtype=dtype, base_name=name, overwrite=overwrite)
+    print(f"emulator bundle written to {path}")
+    print_summary(path)
+
+
+def cmd_finetune(opts: dict) -> None:
+    from .data import load_examples
+    from .training import FinetuneConfig, finetune
+
+    bundle, out = take(opts, "bundle"), take(opts, "out")
+    data, task = take(opts, "data", None), take(opts, "task", None)
+    limit = take(opts, "limit", None)
+    resume, overwrite = take(opts, "resume", False), take(opts, "overwrite", False)
+    config = build_dataclass(FinetuneConfig, split_for(FinetuneConfig, opts))
+    _reject_leftovers(opts)
+    if bool(data) == bool(task):
+        raise ConfigError("give exactly one of --data FILE.jsonl or --task NAME")
+    if data:
+        examples = load_examples(data)[:limit]
+    else:
+        from .tasks import load_train_examples
+
+        examples = load_train_examples(task, limit=limit, seed=config.seed)
+    adapter = finetune(bundle, examples, out, config, resume=resume, overwrite=overwrite)
+    print(f"adapter bundle written to {adapter}")
+    print_summary(adapter)
+
+
+def cmd_plugin(opts: dict) -> None:
+    from .models import resolve_model
+    from .plugin import plugin_checkpoint
+
+    model_path, _ = resolve_model(take(opts, "model"))
+    adapter, out = take(opts, "adapter"), take(opts, "out")
+    merge = not take(opts, "keep_lora", False)
+    overwrite = take(opts, "overwrite", False)
+    _reject_leftovers(opts)
+    path = plugin_checkpoint(model_path, adapter, out, merge=merge, overwrite=overwrite)
+    print(f"plugged model written to {path}")
+
+
+def cmd_inspect(opts: dict) -> None:
+    from .bundle import read_manifest
+
+    bundle = take(opts, "bundle")
+    as_json = take(opts, "json", False)
+    if as_json:
+        print(json.dumps(read_manifest(bundle), indent=2))
+    else:
+        print_summary(bundle)
+
+
+def _reject_leftovers(opts: dict) -> None:
+    if opts:
+        raise ConfigError(f"unknown option(s) {sorted(opts)}")
+
+
+def print_summary(bundle_dir) -> None:
+    """Human-readable account of what a bundle holds (verifies it first)."""
+    from .bundle import bundle_fingerprint, read_manifest
+
+    m = read_manifest(bundle_dir)
+    base = m.get("base", {})
+    lines = [
+        f"bundle      {bundle_dir}",
+        f"kind        {m['kind']}   (offsite format v{m['format_version']}, {m.get('created_by', '?')})",
+        f"fingerprint {bundle_fingerprint(m)[:16]}",
+        f"base model  {base.get('name', '?')}  [{base.get('model_type', '?')}, {base.get('num_blocks', '?')} blocks, "
+        f"{base.get('dtype', '?')}, fingerprint {str(base.get('fingerprint', '?'))[:16]}]",
+    ]
+    if m["kind"] == "emulator":
+        blocks = m["blocks"]
+        lines += [
+            f"method      {m['method']['name']}  {json.dumps(m['method']['params'])}",
+            f"blocks      {len(blocks['map'])} of {base.get('num_blocks')}: emulator -> original {blocks['map']}",
+            f"adapter     original blocks {blocks['adapter']} (emulator blocks {blocks['trainable']}, trainable)",
+        ]
+        if "stats" in m:
+            s = m["stats"]
+            lines.append(
+                f"parameters  emulator {s['emulator_parameters']:,} of base {s['base_parameters']:,} "
+                f"({100 * s['emulator_parameters'] / s['base_parameters']:.1f}%)"
+            )
+    elif m["kind"] == "adapter":
+        a, t = m["adapter"], m.get("training", {})
+        lines += [
+            f"adapter     {a['type']} on original blocks {a['blocks']}: {a.get('num_parameters', 0):,} parameters in {a.get('num_tensors')} tensors",
+            f"emulator    {m['emulator']['fingerprint'][:16]} ({m['emulator']['method']['name']})",
+            f"training    lr {t.get('learning_rate')}, batch {t.get('batch_size')}x{t.get('grad_accum')}, "
+            f"schedule {t.get('schedule')}, precision {t.get('precision')}, seed {t.get('seed')}",
+            f"metrics     {json.dumps(m.get('metrics', {}))}",
+        ]
+    elif m["kind"] == "plugged":
+        lines.append(f"adapter     {m['adapter']['type']} {m['adapter']['fingerprint'][:16]}, merged: {m['adapter']['merged']}")
+    lines.append("files       (all SHA-256 verified)")
+    lines += [f"  {name:<34} {meta['size']:>14,} B  {meta['sha256'][:16]}" for name, meta in m["files"].items()]
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    from .training import FinetuneConfig
+
+    parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--config", help="YAML file with option values (flags given here override it)")
+        return p
+
+    p = command("compress", cmd_compress, "Owner: compress a model into an emulator bundle.")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="HF checkpoint directory or a bundled asset name (smollm2-135m)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="emulator bundle directory to create")
+    p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHODS), help="emulator method (default: layerdrop)")
+    p.add_argument("--dtype", default=argparse.SUPPRESS, help="dtype to load the base model in (default: float32)")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
+    seen: set[str] = set()
+    for method in METHODS.values():
+        add_dataclass_flags(p, method.config_class, seen)
+
+    p = command("finetune", cmd_finetune, "Data owner: train the adapter on the emulator, export an adapter bundle.")
+    p.add_argument("--bundle", default=argparse.SUPPRESS, help="emulator bundle directory")
+    p.add_argument("--data", default=argparse.SUPPRESS, help="JSONL of {context, continuation} (or {text}) records")
+    p.add_argument("--task", default=argparse.SUPPRESS, help="or a built-in task's train split (piqa, arc_easy, ...)")
+    p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="use at most this many examples")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (adapter/ and checkpoints/ go inside)")
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing adapter")
+    add_dataclass_flags(p, FinetuneConfig)
+
+    p = command("plugin", cmd_plugin, "Owner: plug an adapter bundle into the full model.")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
+    p.add_argument("--adapter", default=argparse.SUPPRESS, help="adapter bundle directory")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="directory for the adapted model")
+    p.add_argument("--keep-lora", action="store_true", default=argparse.SUPPRESS, help="write a PEFT adapter instead of merging")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing output")
+
+    p = command("inspect", cmd_inspect, "Verify a bundle and print what it contains.")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the raw manifest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(merged_options(args))
+    except OffsiteError as e:
+        print(f"offsite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("offsite: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Data-owner fine-tuning of the adapter on a frozen emulator, from the emulator bundle alone.
+
+`finetune` is a short recipe over reusable pieces (trainable-parameter setup, batching,
+optimizer/schedule, checkpoints, adapter export). accelerate runs it unchanged on one CPU,
+one GPU or several GPUs (`accelerate launch -m offsite.cli finetune ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import get_peft_model
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .adapter import LoraSettings, save_adapter
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .data import Example, epoch_order, pad_batch, tokenize_example
+from .emulator import LoadedEmulator, load_emulator
+from .errors import ConfigError
+from .surgery import get_blocks, linear_module_names
+
+SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class FinetuneConfig:
+    """How the data owner trains the adapter. Every field is also a CLI flag and a YAML key."""
+
+    lora: bool = False  # LoRA on the adapter blocks' linear layers instead of training them fully
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lr: float | None = None  # default: 5e-5 for full blocks, 3e-4 for LoRA
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 8  # per device, per micro-step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    schedule: str = "linear"
+    max_length: int = 256
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # bf16 autocast on GPUs that support it
+    seed: int = 0
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (3e-4 if self.lora else 5e-5)
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_trainable(emulator: LoadedEmulator, config: FinetuneConfig):
+    """Freeze everything but the adapter blocks (or LoRA on them). Returns (model, LoRA settings or None)."""
+    model = emulator.model
+    model.requires_grad_(False)
+    if not config.lora:
+        for i in emulator.trainable:
+            get_blocks(model, emulator.layout)[i].requires_grad_(True)
+        return model, None
+    targets = linear_module_names(model, emulator.layout, emulator.trainable)
+    conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
+    emulator_side = LoraSettings(config.lora_r, config.lora_alpha, targets, config.lora_dropout, fan_in_fan_out=conv1d)
+    peft_model = get_peft_model(model, emulator_side.to_peft())
+    # The bundle names the full model's modules: same paths, original block indices.
+    layout, block_map = emulator.layout, emulator.block_map
+    full_side = dataclasses.replace(
+        emulator_side,
+        target_modules=[
+            layout.block_key(block_map[idx], rest) for idx, rest in (layout.parse_block_key(t) for t in targets)
+        ],
+    )
+    return peft_model, full_side
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_steps(num_examples: int, config: FinetuneConfig, num_processes: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    batches = math.ceil(num_examples / (config.batch_size * num_processes))
+    per_epoch = max(1, math.ceil(batches / config.grad_accum))
+    return per_epoch, config.max_steps or per_epoch * config.epochs
+
+
+def finetune(
+    bundle_dir: str | Path,
+    examples: list[Example],
+    output_dir: str | Path,
+    config: FinetuneConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train the adapter of an emulator bundle on `examples`; write `output_dir/adapter` and return it."""
+    config = config or FinetuneConfig()
+    output_dir = Path(output_dir)
+    ckpt_dir, adapter_dir = output_dir / "checkpoints", output_dir / "adapter"
+    if adapter_dir.exists() and not overwrite:
+        raise ConfigError(f"an adapter already exists at {adapter_dir}; choose another output or pass --overwrite")
+    if list_checkpoints(ckpt_dir) and not resume and not overwrite:
+        raise ConfigError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite")
+    if not examples:
+        raise ConfigError("no training examples")
+
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum)
+    set_seed(config.seed)
+    emulator = load_emulator(bundle_dir, dtype=torch.float32)
+    model, lora = make_trainable(emulator, config)
+    params = trainable_parameters(model)
+    tokenizer = emulator.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    features = [tokenize_example(tokenizer, ex, config.max_length) for ex in examples]
+
+    per_epoch, total_steps = count_steps(len(features), config, accelerator.num_processes)
+    optimizer = torch.optim.AdamW(
+        list(params.values()), lr=config.learning_rate, weight_decay=config.weight_decay, fused=torch.cuda.is_available()
+    )
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    scheduler = get_scheduler(
+        config.schedule,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step, epoch, skip = 0, 0, 0
+    if resume and list_checkpoints(ckpt_dir):
+        latest = list_checkpoints(ckpt_dir)[-1]
+        pos = load_checkpoint(latest, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler)
+        step, epoch, skip = pos["step"], pos["epoch"], pos["batches_done"]
+        accelerator.print(f"resumed from {latest} at step {step}")
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process), desc="finetune", unit="step")
+    model.train()
+    start, tokens, losses = time.perf_counter(), 0, []
+    while step < total_steps:
+        order = epoch_order(len(features), config.seed, epoch)
+        loader = DataLoader([features[i] for i in order], batch_size=config.batch_size, collate_fn=lambda b: pad_batch(b, pad_id))
+        loader = accelerator.prepare(loader)
+        epoch_len = len(loader)
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+        batches_done = skip
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            batches_done += 1
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(loss.item())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == total_steps:
+                bar.set_postfix(loss=f"{sum(losses[-config.log_every:]) / len(losses[-config.log_every:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            done_epoch = batches_done >= epoch_len
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and accelerator.is_main_process:
+                position = {"epoch": epoch + 1 if done_epoch else epoch, "batches_done": 0 if done_epoch else batches_done}
+                save_checkpoint(ckpt_dir, step, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler, position)
+            if step >= total_steps:
+                break
+        epoch, skip = epoch + 1, 0
+    bar.close()
+    accelerator.wait_for_everyone()
+
+    elapsed = time.perf_counter() - start
+    metrics = {
+        "steps": step,
+        "final_loss": sum(losses[-config.log_every:]) / max(1, len(losses[-config.log_every:])),
+        "first_loss": losses[0] if losses else None,
+        "train_tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "num_examples": len(examples),
+    }
+    if accelerator.is_main_process:
+        training = {**dataclasses.asdict(config), "learning_rate": config.learning_rate, "precision": accelerator.mixed_precision}
+        save_adapter(accelerator.unwrap_model(model), emulator, adapter_dir, training, metrics, lora, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    return adapter_dir

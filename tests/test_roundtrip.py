@@ -1,0 +1,87 @@
+"""compress -> finetune -> plugin on every family, with full blocks and with LoRA."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from offsite.adapter import load_adapter
+from offsite.bundle import model_fingerprint
+from offsite.emulator import save_emulator
+from offsite.methods import build_emulator, make_config
+from offsite.plugin import plug_in
+from offsite.surgery import discover_layout
+from offsite.training import FinetuneConfig, finetune
+from tiny import FAMILIES, VOCAB, tiny_model
+
+ADAPTER_BLOCKS = [0, 1, 6, 7]
+
+
+def owner_compress(family, tokenizer, tmp_path):
+    base = tiny_model(family)
+    emu = build_emulator(base, "layerdrop", make_config("layerdrop", num_kept=2))
+    save_emulator(emu, tokenizer, tmp_path / "emu", model_fingerprint(base), family)
+    return base
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_full_block_round_trip(family, tokenizer, examples, tmp_path):
+    base = owner_compress(family, tokenizer, tmp_path)
+    before = state(base)
+    adapter_dir = finetune(tmp_path / "emu", examples, tmp_path / "run", FinetuneConfig(batch_size=4, lr=1e-3), progress=False)
+
+    trained = load_adapter(adapter_dir).tensors
+    layout = discover_layout(base)
+    assert {layout.parse_block_key(k)[0] for k in trained} == set(ADAPTER_BLOCKS)
+    plugged = plug_in(base, adapter_dir)
+    after = plugged.state_dict()
+    changed = 0
+    for key, value in after.items():
+        parsed = layout.parse_block_key(key)
+        if parsed and parsed[0] in ADAPTER_BLOCKS:
+            assert torch.equal(value, trained[key]), key
+            changed += int(not torch.equal(value, before[key]))
+        else:
+            assert torch.equal(value, before[key]), f"{key} changed but is not an adapter weight"
+    assert changed > 0, "training changed no adapter weight"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lora_round_trip(family, tokenizer, examples, tmp_path):
+    base = owner_compress(family, tokenizer, tmp_path)
+    before = state(base)
+    config = FinetuneConfig(lora=True, lora_r=4, batch_size=4, lr=1e-2)
+    adapter_dir = finetune(tmp_path / "emu", examples, tmp_path / "run", config, progress=False)
+
+    layout = discover_layout(base)
+    bundle = load_adapter(adapter_dir)
+    assert bundle.lora is not None and bundle.lora.r == 4
+    assert {layout.parse_block_key(t)[0] for t in bundle.lora.target_modules} == set(ADAPTER_BLOCKS)
+
+    kept = plug_in(tiny_model(family), adapter_dir, merge=False)
+    assert isinstance(kept, PeftModel)
+    merged = plug_in(base, adapter_dir, merge=True)
+    ids = torch.randint(3, VOCAB, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-5)
+    after = merged.state_dict()
+    changed = 0
+    for key, value in after.items():
+        parsed = layout.parse_block_key(key)
+        if parsed and parsed[0] in ADAPTER_BLOCKS:
+            changed += int(not torch.equal(value, before[key]))
+        else:
+            assert torch.equal(value, before[key]), f"{key} changed but is not an adapter weight"
+    assert changed > 0
+    # Every merged adapter weight is exactly base + (alpha / r) * B @ A of the trained tensors.
+    scale = bundle.lora.lora_alpha / bundle.lora.r
+    for target in bundle.lora.target_modules:
+        a = bundle.tensors[f"base_model.model.{target}.lora_A.weight"]
+        b = bundle.tensors[f"base_model.model.{target}.lora_B.weight"]
+        delta = scale * (b @ a)
+        if bundle.lora.fan_in_fan_out:
+            delta = delta.T
+        torch.testing.assert_close(after[target + ".weight"], before[target + ".weight"] + delta, rtol=1e-5, atol=1e-6)
