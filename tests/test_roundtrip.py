@@ -85,3 +85,29 @@ def test_lora_round_trip(family, tokenizer, examples, tmp_path):
         if bundle.lora.fan_in_fan_out:
             delta = delta.T
         torch.testing.assert_close(after[target + ".weight"], before[target + ".weight"] + delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_adapter_applies_to_its_emulator(tokenizer, examples, tmp_path, lora):
+    """The "emulator fine-tuned" setting: the emulator with the returned adapter is the model the
+    data owner trained (same logits as the trained model in memory)."""
+    from offsite.emulator import load_emulator
+    from offsite.plugin import plug_into_emulator
+    from offsite.training import make_trainable, train
+    from offsite.errors import PluginError
+
+    owner_compress("qwen2", tokenizer, tmp_path)
+    config = FinetuneConfig(lora=lora, batch_size=4, lr=1e-2, max_steps=3)
+    adapter_dir = finetune(tmp_path / "emu", examples, tmp_path / "run", config, progress=False)
+
+    emu = load_emulator(tmp_path / "emu")
+    model, _ = make_trainable(emu, config)
+    trained = train(model, emu.tokenizer, examples, config, progress=False).model
+    ids = torch.randint(3, VOCAB, (2, 10))
+    applied = plug_into_emulator(load_emulator(tmp_path / "emu"), adapter_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(applied(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-5)
+
+    owner_compress("llama", tokenizer, tmp_path / "other")
+    with pytest.raises(PluginError, match="different emulator"):
+        plug_into_emulator(load_emulator(tmp_path / "other" / "emu"), adapter_dir)

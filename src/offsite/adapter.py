@@ -9,6 +9,7 @@ Two kinds travel back to the owner:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -137,6 +138,25 @@ class AdapterBundle:
     @property
     def fingerprint(self) -> str:
         return bundle_fingerprint(self.manifest)
+
+    def renumbered(self, layout: BlockLayout, index_of: dict[int, int]) -> "AdapterBundle":
+        """The same adapter with block indices mapped by `index_of` (e.g. original -> emulator).
+
+        Keys outside the adapter's blocks are left as they are, for the allow-list to reject.
+        """
+
+        def rename(key: str) -> str:
+            prefix = PEFT_PREFIX if key.startswith(PEFT_PREFIX) else ""
+            parsed = layout.parse_block_key(key.removeprefix(prefix))
+            if parsed is None or parsed[0] not in index_of:
+                return key
+            return prefix + layout.block_key(index_of[parsed[0]], parsed[1])
+
+        manifest = {**self.manifest, "adapter": {**self.manifest["adapter"], "blocks": [index_of.get(i, i) for i in self.blocks]}}
+        lora = None
+        if self.lora is not None:
+            lora = dataclasses.replace(self.lora, target_modules=[rename(t) for t in self.lora.target_modules])
+        return AdapterBundle(manifest, {rename(k): v for k, v in self.tensors.items()}, lora)
 
 
 def load_adapter(bundle_dir: str | Path) -> AdapterBundle:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from .adapter import PEFT_PREFIX, AdapterBundle, load_adapter
 from .bundle import model_fingerprint, parse_dtype, write_bundle
-from .emulator import load_checkpoint
+from .emulator import LoadedEmulator, load_checkpoint
 from .errors import PluginError
 from .surgery import BlockLayout, discover_layout, linear_module_names
 
@@ -61,11 +61,22 @@ def plug_in(model: PreTrainedModel, adapter_dir: str | Path, merge: bool = True,
     bundle = load_adapter(adapter_dir)
     layout = discover_layout(model)
     _check_identity(model, layout, bundle, fingerprint)
+    return _apply(model, layout, bundle, merge)
 
+
+def plug_into_emulator(emulator: LoadedEmulator, adapter_dir: str | Path, merge: bool = True):
+    """The emulator with a trained adapter applied (the "emulator fine-tuned" setting)."""
+    bundle = load_adapter(adapter_dir)
+    if bundle.manifest.get("emulator", {}).get("fingerprint") != emulator.fingerprint:
+        raise PluginError("adapter was trained on a different emulator than this one")
+    index_of = {orig: i for i, orig in enumerate(emulator.block_map)}
+    return _apply(emulator.model, emulator.layout, bundle.renumbered(emulator.layout, index_of), merge)
+
+
+def _apply(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, merge: bool):
     if bundle.lora is None:
-        expected = {
-            layout.block_key(i, name): p for i in bundle.blocks for name, p in model.get_submodule(layout.blocks)[i].named_parameters()
-        }
+        blocks = model.get_submodule(layout.blocks)
+        expected = {layout.block_key(i, name): p for i in bundle.blocks for name, p in blocks[i].named_parameters()}
         _check_tensors(bundle.tensors, expected)
         with torch.no_grad():
             for key, value in bundle.tensors.items():

