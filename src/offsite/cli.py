@@ -164,6 +164,74 @@ def cmd_inspect(opts: dict) -> None:
         print_summary(bundle)
 
 
+def cmd_evaluate(opts: dict) -> None:
+    """Score one model (a checkpoint, or an emulator bundle, optionally with an adapter)."""
+    from .evaluation import perplexity, score_multiple_choice
+    from .report import resolve_device
+    from .tasks import load_eval_docs, load_plain_text
+
+    model_arg, bundle, adapter = take(opts, "model", None), take(opts, "bundle", None), take(opts, "adapter", None)
+    tasks = [t for t in str(take(opts, "tasks", "arc_easy")).split(",") if t]
+    limit, batch_size = take(opts, "limit", None), take(opts, "batch_size", 32)
+    with_ppl, out = take(opts, "perplexity", False), take(opts, "out", None)
+    device = resolve_device(take(opts, "device", "auto"))
+    _reject_leftovers(opts)
+    model, tokenizer, what = _model_for_evaluation(model_arg, bundle, adapter)
+    model.to(device)
+    results = {"model": what, "tasks": {}}
+    for task in tasks:
+        r = score_multiple_choice(model, tokenizer, load_eval_docs(task, limit), batch_size=batch_size)
+        results["tasks"][task] = r
+        print(f"{task:<14} acc {100 * r['acc']:5.1f} ± {100 * r['acc_stderr']:.1f}   "
+              f"acc_norm {100 * r['acc_norm']:5.1f} ± {100 * r['acc_norm_stderr']:.1f}   (n={r['n']})")
+    if with_ppl:
+        results["perplexity"] = perplexity(model, tokenizer, load_plain_text(), batch_size=4)
+        print(f"{'perplexity':<14} {results['perplexity']['ppl']:.2f} over {results['perplexity']['tokens']:,} tokens")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
+        print(f"results written to {out}")
+
+
+def _model_for_evaluation(model_arg, bundle, adapter):
+    from .emulator import load_checkpoint, load_emulator
+    from .models import resolve_model
+    from .plugin import plug_in, plug_into_emulator
+
+    if bool(model_arg) == bool(bundle):
+        raise ConfigError("give exactly one of --model (full model) or --bundle (emulator bundle)")
+    if bundle:
+        emulator = load_emulator(bundle)
+        model = plug_into_emulator(emulator, adapter) if adapter else emulator.model
+        return model, emulator.tokenizer, f"emulator {bundle}" + (f" + adapter {adapter}" if adapter else "")
+    path, name = resolve_model(model_arg)
+    model, tokenizer = load_checkpoint(path)
+    if adapter:
+        model = plug_in(model, adapter)
+    return model, tokenizer, name + (f" + adapter {adapter}" if adapter else "")
+
+
+def cmd_report(opts: dict) -> None:
+    from .report import ReportConfig, markdown_table, run_report
+
+    config = ReportConfig.from_dict(opts)
+    data = run_report(config)
+    print()
+    print(markdown_table(data))
+    print(f"\nwritten: {Path(config.out) / 'results.json'}, report.md, report.png")
+
+
+def cmd_demo(opts: dict) -> None:
+    from .report import demo_config
+
+    config = demo_config(**opts)
+    print(
+        f"offsite demo: {config.model}, task {','.join(config.tasks)}, {config.method} {config.method_params}; "
+        "the owner compresses, the data owner fine-tunes the adapter on the emulator, the owner plugs it in."
+    )
+    cmd_report(dataclasses.asdict(config) | {"finetune": dataclasses.asdict(config.finetune)})
+
+
 def _reject_leftovers(opts: dict) -> None:
     if opts:
         raise ConfigError(f"unknown option(s) {sorted(opts)}")
@@ -251,6 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="directory for the adapted model")
     p.add_argument("--keep-lora", action="store_true", default=argparse.SUPPRESS, help="write a PEFT adapter instead of merging")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing output")
+
+    p = command("evaluate", cmd_evaluate, "Zero-shot accuracy (and perplexity) of a model, emulator or adapted model.")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="full model: checkpoint directory or asset name")
+    p.add_argument("--bundle", default=argparse.SUPPRESS, help="or an emulator bundle")
+    p.add_argument("--adapter", default=argparse.SUPPRESS, help="adapter bundle to apply first")
+    p.add_argument("--tasks", default=argparse.SUPPRESS, help="comma-separated (default: arc_easy)")
+    p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="first N docs of each evaluation split")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="(default: 32)")
+    p.add_argument("--perplexity", action="store_true", default=argparse.SUPPRESS, help="also held-out perplexity")
+    p.add_argument("--device", default=argparse.SUPPRESS, help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="write results as JSON")
+
+    p = command("report", cmd_report, "The five-number report (JSON, Markdown, PNG) for a YAML experiment.")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="report directory (resumes if it exists)")
+    p.add_argument("--tasks", default=argparse.SUPPRESS, help="comma-separated task names")
+    p.add_argument("--eval-limit", type=int, default=argparse.SUPPRESS, help="evaluation docs per task")
+    p.add_argument("--train-limit", type=int, default=argparse.SUPPRESS, help="training examples per task")
+    p.add_argument("--full-finetune", action="store_true", default=argparse.SUPPRESS, help="also the full fine-tuning baseline")
+
+    p = command("demo", cmd_demo, "The two-party round trip on the default real model, with the five-number table.")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="(default: runs/demo)")
+    p.add_argument("--tasks", default=argparse.SUPPRESS, help="(default: arc_easy)")
 
     p = command("inspect", cmd_inspect, "Verify a bundle and print what it contains.")
     p.add_argument("bundle", help="bundle directory")

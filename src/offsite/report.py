@@ -1,0 +1,279 @@
+"""The five-number report: what offsite-tuning achieves on real tasks.
+
+Per task: full zero-shot | emulator zero-shot | emulator fine-tuned | plug-in | full fine-tuning
+(the last optional, it is the expensive one), plus the plug-in minus emulator-FT gap. The
+recipe plays both parties in one process but keeps the data flow of the real protocol: the
+adapter is trained from the emulator bundle alone and comes back as an adapter bundle.
+Every finished number is cached in `out/results.json`, so an interrupted report resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bundle import model_fingerprint, read_manifest
+from .emulator import load_checkpoint, load_emulator, save_emulator
+from .errors import ConfigError
+from .methods import build_emulator, make_config
+from .models import resolve_model
+from .plugin import plug_in, plug_into_emulator
+from .training import FinetuneConfig, finetune, train
+
+SETTINGS = ("full_zs", "emulator_zs", "emulator_ft", "plugin", "full_ft")
+LABELS = {
+    "full_zs": "full zero-shot",
+    "emulator_zs": "emulator zero-shot",
+    "emulator_ft": "emulator fine-tuned",
+    "plugin": "plug-in",
+    "full_ft": "full fine-tuning",
+}
+
+
+@dataclass
+class ReportConfig:
+    """One experiment. In YAML, `method_params` and `finetune` are nested mappings."""
+
+    model: str = "smollm2-135m"
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy"])
+    method: str = "layerdrop"
+    method_params: dict = field(default_factory=lambda: {"num_kept": 22})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train_limit: int | None = None  # training examples per task (random subset, fixed seed)
+    eval_limit: int | None = None  # evaluation docs per task (first N of the standard split)
+    eval_batch_size: int = 32
+    full_finetune: bool = False
+    out: str = "runs/report"
+    title: str = ""
+    device: str = "auto"  # where evaluation runs; training places itself via accelerate
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReportConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"report config has no option(s) {unknown}")
+        if isinstance(data.get("finetune"), dict):
+            ft_known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+            bad = sorted(set(data["finetune"]) - ft_known)
+            if bad:
+                raise ConfigError(f"finetune has no option(s) {bad}")
+            data["finetune"] = FinetuneConfig(**data["finetune"])
+        if isinstance(data.get("tasks"), str):
+            data["tasks"] = [t for t in data["tasks"].split(",") if t]
+        return cls(**data)
+
+
+class ResultStore:
+    """results.json: {task: {setting: metrics}}, rewritten atomically after every number."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        if self.data.get("config") not in (None, config):
+            raise ConfigError(f"{path} holds results of a different configuration; choose another --out")
+        self.data["config"] = config
+        self.data.setdefault("tasks", {})
+
+    def get(self, task: str, setting: str):
+        return self.data["tasks"].get(task, {}).get(setting)
+
+    def put(self, task: str, setting: str, value: dict) -> None:
+        self.data["tasks"].setdefault(task, {})[setting] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+
+def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
+    """Compute every missing number of the report and write results.json, report.md and report.png."""
+    from .evaluation import score_multiple_choice
+    from .tasks import load_eval_docs, load_train_examples
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out / "results.json", _jsonable(dataclasses.asdict(config)))
+    model_path, model_name = resolve_model(config.model)
+    device = resolve_device(config.device)
+    t0 = time.perf_counter()
+
+    base, tokenizer = load_checkpoint(model_path)
+    fingerprint = model_fingerprint(base)
+    emulator_dir = out / "emulator"
+    if not emulator_dir.exists():
+        log(f"[owner] compressing {model_name} with {config.method} {config.method_params}")
+        emulator = build_emulator(base, config.method, make_config(config.method, **config.method_params))
+        save_emulator(emulator, tokenizer, emulator_dir, fingerprint, model_name)
+        del emulator
+    elif read_manifest(emulator_dir)["base"]["fingerprint"] != fingerprint:
+        raise ConfigError(f"{emulator_dir} was made from another model; choose another --out")
+
+    def score(model, docs):
+        return score_multiple_choice(model, tokenizer, docs, batch_size=config.eval_batch_size, progress=progress)
+
+    for task in config.tasks:
+        docs = load_eval_docs(task, config.eval_limit)
+        train_examples = load_train_examples(task, config.train_limit, seed=config.finetune.seed)
+        log(f"[{task}] {len(train_examples)} training examples, {len(docs)} evaluation docs")
+
+        def measure(setting: str, make_model):
+            if store.get(task, setting) is None:
+                log(f"[{task}] {LABELS[setting]} ...")
+                start = time.perf_counter()
+                model = make_model().to(device)
+                result = score(model, docs)
+                del model
+                result["seconds"] = round(time.perf_counter() - start, 1)
+                store.put(task, setting, result)
+            r = store.get(task, setting)
+            log(f"[{task}] {LABELS[setting]:<20} acc {100 * r['acc']:5.1f}  acc_norm {100 * r['acc_norm']:5.1f}")
+
+        measure("full_zs", lambda: base)
+        base.cpu()
+        measure("emulator_zs", lambda: load_emulator(emulator_dir).model)
+        run_dir = out / task / "offsite"
+        adapter_dir = run_dir / "adapter"
+        if not adapter_dir.exists():
+            log(f"[{task}] data owner fine-tunes the adapter on the emulator")
+            finetune(emulator_dir, train_examples, run_dir, config.finetune, resume=True, progress=progress)
+        measure("emulator_ft", lambda: plug_into_emulator(load_emulator(emulator_dir), adapter_dir))
+        measure("plugin", lambda: plug_in(load_checkpoint(model_path)[0], adapter_dir, fingerprint=fingerprint))
+        if config.full_finetune:
+            measure("full_ft", lambda: full_finetune(model_path, tokenizer, train_examples, config.finetune, progress))
+
+    store.data["seconds_total_last_run"] = round(time.perf_counter() - t0, 1)
+    store.put("_meta", "model", {"name": model_name, "fingerprint": fingerprint})
+    write_outputs(store.data, out, config)
+    return store.data
+
+
+def full_finetune(model_path: Path, tokenizer, examples, config: FinetuneConfig, progress: bool = True):
+    """Baseline: the same training on the full model, every block trainable (or LoRA on every block)."""
+    from peft import get_peft_model
+
+    from .adapter import LoraSettings
+    from .surgery import discover_layout, linear_module_names
+
+    model, _ = load_checkpoint(model_path)
+    if config.lora:
+        layout = discover_layout(model)
+        targets = linear_module_names(model, layout, list(range(layout.num_blocks)))
+        model = get_peft_model(model, LoraSettings(config.lora_r, config.lora_alpha, targets, config.lora_dropout).to_peft())
+    else:
+        model.requires_grad_(True)
+    return train(model, tokenizer, examples, config, progress=progress, desc="full fine-tuning").model
+
+
+# ---------------------------------------------------------------- outputs
+def summary_rows(data: dict) -> list[dict]:
+    """One row per task plus the mean: each setting's acc and acc_norm (in %), and the gap."""
+    tasks = [t for t in data["tasks"] if not t.startswith("_")]
+    rows = []
+    for task in tasks:
+        results = data["tasks"][task]
+        row = {"task": task}
+        for s in SETTINGS:
+            if s in results:
+                row[s] = (100 * results[s]["acc"], 100 * results[s]["acc_norm"])
+                row[s + "_n"] = results[s]["n"]
+                row[s + "_stderr"] = 100 * results[s]["acc_stderr"]
+        rows.append(row)
+    if len(rows) > 1:
+        mean = {"task": "mean"}
+        for s in SETTINGS:
+            if all(s in r for r in rows):
+                mean[s] = tuple(sum(r[s][i] for r in rows) / len(rows) for i in range(2))
+        rows.append(mean)
+    for row in rows:
+        if "plugin" in row and "emulator_ft" in row:
+            row["gap"] = tuple(row["plugin"][i] - row["emulator_ft"][i] for i in range(2))
+    return rows
+
+
+def markdown_table(data: dict) -> str:
+    rows = summary_rows(data)
+    present = [s for s in SETTINGS if any(s in r for r in rows)]
+    head = "| task | " + " | ".join(LABELS[s] for s in present) + " | plug-in − emulator FT |"
+    sep = "|---" * (len(present) + 2) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = [f"{r[s][0]:.1f} / {r[s][1]:.1f}" if s in r else "–" for s in present]
+        gap = f"{r['gap'][0]:+.1f} / {r['gap'][1]:+.1f}" if "gap" in r else "–"
+        lines.append(f"| {r['task']} | " + " | ".join(cells) + f" | {gap} |")
+    return "\n".join(lines)
+
+
+def write_outputs(data: dict, out: Path, config: ReportConfig) -> None:
+    body = [
+        f"# {config.title or 'offsite report'}",
+        "",
+        f"Model `{config.model}`, method `{config.method}` {json.dumps(config.method_params)}; "
+        f"{'LoRA' if config.finetune.lora else 'full-block'} adapter, lr {config.finetune.learning_rate}, "
+        f"{config.finetune.epochs} epoch(s), batch {config.finetune.batch_size}x{config.finetune.grad_accum}, "
+        f"train limit {config.train_limit}, eval limit {config.eval_limit}.",
+        "Accuracy in %, raw / length-normalised (per character).",
+        "",
+        markdown_table(data),
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(body))
+    plot(data, out / "report.png")
+
+
+def plot(data: dict, path: Path) -> Path | None:
+    """Grouped bars: one group per task (and the mean), one bar per setting. Skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = summary_rows(data)
+    present = [s for s in SETTINGS if any(s in r for r in rows)]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 4))
+    width = 0.8 / len(present)
+    for j, s in enumerate(present):
+        xs = [i + j * width for i, r in enumerate(rows) if s in r]
+        ys = [r[s][0] for r in rows if s in r]
+        ax.bar(xs, ys, width, label=LABELS[s])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["task"] for r in rows])
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def demo_config(**overrides) -> ReportConfig:
+    """Small settings that finish in minutes on two CPU cores and still show the effect."""
+    config = ReportConfig(
+        model="smollm2-135m",
+        tasks=["arc_easy"],
+        method="layerdrop",
+        method_params={"num_kept": 22},
+        finetune=FinetuneConfig(lr=5e-5, batch_size=8, epochs=1, max_length=128),
+        train_limit=800,
+        eval_limit=300,
+        out="runs/demo",
+        title="offsite demo",
+    )
+    return ReportConfig.from_dict(dataclasses.asdict(config) | {"finetune": dataclasses.asdict(config.finetune)} | overrides)

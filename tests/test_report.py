@@ -1,0 +1,55 @@
+"""The five-number report on a tiny model and real (offline) task data: every number, resumable."""
+
+import json
+
+import pytest
+
+from offsite.errors import ConfigError
+from offsite.report import ReportConfig, markdown_table, run_report
+from offsite.training import FinetuneConfig
+
+
+
+@pytest.mark.slow
+def test_report_runs_every_setting_and_resumes(base_dir, tmp_path):
+    config = ReportConfig(
+        model=str(base_dir),
+        tasks=["sciq", "arc_easy"],
+        method_params={"num_kept": 2},
+        finetune=FinetuneConfig(lora=True, max_steps=2, batch_size=4, max_length=64),
+        train_limit=8,
+        eval_limit=6,
+        eval_batch_size=8,
+        full_finetune=True,
+        out=str(tmp_path / "report"),
+    )
+    lines = []
+    data = run_report(config, progress=False, log=lines.append)
+    for task in ("sciq", "arc_easy"):
+        assert set(data["tasks"][task]) == {"full_zs", "emulator_zs", "emulator_ft", "plugin", "full_ft"}
+        assert all(r["n"] == 6 and 0 <= r["acc"] <= 1 for r in data["tasks"][task].values())
+    out = tmp_path / "report"
+    table = (out / "report.md").read_text()
+    assert "| mean |" in table and "plug-in − emulator FT" in table
+    assert (out / "report.png").stat().st_size > 1000
+    assert (out / "sciq" / "offsite" / "adapter" / "manifest.json").is_file()
+
+    # A second run computes nothing again.
+    lines.clear()
+    again = run_report(config, progress=False, log=lines.append)
+    assert not any(line.endswith("...") for line in lines)
+    assert again["tasks"]["sciq"] == data["tasks"]["sciq"]
+    assert markdown_table(again) == markdown_table(data)
+
+    changed = ReportConfig(**{**config.__dict__, "eval_limit": 7})
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_report(changed, progress=False, log=lines.append)
+
+
+def test_report_config_from_yaml_mapping():
+    config = ReportConfig.from_dict({"tasks": "piqa,sciq", "finetune": {"lora": True, "lr": 1e-4}, "method_params": {"num_kept": 4}})
+    assert config.tasks == ["piqa", "sciq"] and config.finetune.lora and config.finetune.lr == 1e-4
+    with pytest.raises(ConfigError, match="no option"):
+        ReportConfig.from_dict({"finetune": {"learning_rat": 1}})
+    with pytest.raises(ConfigError, match="no option"):
+        ReportConfig.from_dict({"taks": "piqa"})
