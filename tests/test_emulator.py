@@ -12,7 +12,7 @@ from offsite.errors import BundleError, ConfigError
 from offsite.methods import build_emulator, make_config
 from offsite.methods.layerdrop import uniform_indices
 from offsite.surgery import discover_layout, get_blocks
-from tiny import FAMILIES, NUM_BLOCKS, VOCAB, tiny_model
+from tiny import FAMILIES, VOCAB, tiny_model
 
 
 def test_uniform_stride_matches_the_paper():

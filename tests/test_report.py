@@ -1,6 +1,5 @@
 """The five-number report on a tiny model and real (offline) task data: every number, resumable."""
 
-import json
 
 import pytest
 

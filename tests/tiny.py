@@ -1,4 +1,9 @@
-"""Tiny random models of every supported family, and a small real tokenizer, built offline."""
+"""Tiny random models of every supported family, and a small real tokenizer, built offline.
+
+The tokenizer is byte-level BPE trained in-process, so any text (task files' punctuation and
+unicode included) encodes. By default BOS is prepended, as Llama-family tokenizers do;
+`make_tokenizer(add_bos=False)` gives a GPT-2-style one whose empty context encodes to nothing.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,11 @@ import functools
 
 import torch
 import transformers as T
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
-VOCAB = 300
+VOCAB = VOCAB_SIZE = 320  # the tokenizer's size
 NUM_BLOCKS = 8
-_TEXT = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Question: What is the capital of France? Answer: Paris",
-    "To boil water, put a pot on the stove and turn on the heat.",
-    "Science asks questions and tests the answers with experiments.",
-] * 4
 
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -46,20 +46,38 @@ def tiny_model(family: str, seed: int = 0):
     return model
 
 
+SPECIALS = ["<pad>", "<s>", "</s>"]
+_CORPUS = [
+    "Goal: How do I boil water?\nAnswer: Put a pot of water on the stove and turn on the heat.",
+    "Question: Which gas do plants take in from the air?\nAnswer: carbon dioxide",
+    "Question: What is the capital of France?\nAnswer: Paris",
+    "The quick brown fox jumps over the lazy dog. A man is sitting on a roof.",
+    "Science asks questions and tests the answers with careful experiments.",
+]
+
+
 @functools.cache
-def _tokenizer_json() -> str:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+def _tokenizer_json(add_bos: bool) -> str:
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_TEXT, trainer)
+    tok.train_from_iterator(_CORPUS * 8, trainer)
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     return tok.to_str()
 
 
+def make_tokenizer(add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A fresh tokenizer with pad 0, BOS 1, EOS 2."""
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json(add_bos)),
+                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 def tiny_tokenizer():
-    return T.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-                                     pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return make_tokenizer(add_bos=True)
 
 
 def save_tiny_checkpoint(family: str, path, seed: int = 0):
