@@ -104,3 +104,19 @@ def test_invalid_config_values():
         FinetuneConfig(schedule="exotic")
     with pytest.raises(ConfigError, match="batch_size"):
         FinetuneConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt", "gpt_neox", "bloom", "phi"])
+def test_answer_only_loss_equals_the_models_own_loss(family, tokenizer, examples):
+    """The LM head runs on the answer positions only; the loss must not change."""
+    from offsite.data import pad_batch, tokenize_example
+    from offsite.training import causal_lm_loss
+    from tiny import tiny_model
+
+    model = tiny_model(family)
+    batch = pad_batch([tokenize_example(tokenizer, ex, 64) for ex in examples[:5]], pad_id=0)
+    expected = model(**batch).loss
+    got = causal_lm_loss(model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert model.get_input_embeddings().weight.grad is not None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import get_peft_model
@@ -23,7 +24,7 @@ from transformers import get_scheduler
 
 from .adapter import LoraSettings, save_adapter
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .data import Example, epoch_order, pad_batch, tokenize_example
+from .data import IGNORE_INDEX, Example, epoch_order, pad_batch, tokenize_example
 from .emulator import LoadedEmulator, load_emulator
 from .errors import ConfigError
 from .surgery import get_blocks, linear_module_names
@@ -98,6 +99,31 @@ def make_trainable(emulator: LoadedEmulator, config: FinetuneConfig):
         ],
     )
     return peft_model, full_side
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], head: torch.nn.Module | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) positions.
+
+    The LM head runs only on the positions that have a target: with the context masked that is a
+    small fraction of the tokens, and the head (vocab x d) plus its logits are a large share of a
+    small model's compute and of every model's activation memory. Same value as the model's own
+    `labels=` loss. `head` is the output-embedding module of the unwrapped model.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    head = head or model.get_output_embeddings()
+
+    def only_labelled(module, args):
+        return (args[0][:, :-1][keep].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(only_labelled)
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    finally:
+        handle.remove()
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[0].float(), targets[keep])
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -188,6 +214,7 @@ def train(
         num_warmup_steps=int(config.warmup_ratio * total_steps) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )
+    head = model.get_output_embeddings()
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, epoch, skip = 0, 0, 0
@@ -217,7 +244,7 @@ def train(
         batches_done = skip
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = causal_lm_loss(model, batch, head)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
