@@ -237,7 +237,7 @@ def plot(data: dict, path: Path) -> Path | None:
         return None
     rows = summary_rows(data)
     present = [s for s in SETTINGS if any(s in r for r in rows)]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 4))
+    fig, ax = plt.subplots(figsize=(3.6 + 1.6 * len(rows), 4))
     width = 0.8 / len(present)
     for j, s in enumerate(present):
         xs = [i + j * width for i, r in enumerate(rows) if s in r]
@@ -245,7 +245,7 @@ def plot(data: dict, path: Path) -> Path | None:
         ax.bar(xs, ys, width, label=LABELS[s])
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["task"] for r in rows])
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
