@@ -20,6 +20,7 @@ def test_report_runs_every_setting_and_resumes(base_dir, tmp_path):
         eval_limit=6,
         eval_batch_size=8,
         full_finetune=True,
+        perplexity_chars=400,
         out=str(tmp_path / "report"),
     )
     lines = []
@@ -29,7 +30,8 @@ def test_report_runs_every_setting_and_resumes(base_dir, tmp_path):
         assert all(r["n"] == 6 and 0 <= r["acc"] <= 1 for r in data["tasks"][task].values())
     out = tmp_path / "report"
     table = (out / "report.md").read_text()
-    assert "| mean |" in table and "plug-in − emulator FT" in table
+    assert "| mean |" in table and "plug-in − emulator FT" in table and "Perplexity" in table
+    assert set(data["tasks"]["_perplexity"]) == {"full", "emulator"}
     assert (out / "report.png").stat().st_size > 1000
     assert (out / "sciq" / "offsite" / "adapter" / "manifest.json").is_file()
 

@@ -48,6 +48,7 @@ class ReportConfig:
     eval_limit: int | None = None  # evaluation docs per task (first N of the standard split)
     eval_batch_size: int = 32
     full_finetune: bool = False
+    perplexity_chars: int = 20_000  # held-out plain text for full vs emulator perplexity; 0 = skip
     out: str = "runs/report"
     title: str = ""
     device: str = "auto"  # where evaluation runs; training places itself via accelerate
@@ -93,8 +94,8 @@ class ResultStore:
 
 def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
     """Compute every missing number of the report and write results.json, report.md and report.png."""
-    from .evaluation import score_multiple_choice
-    from .tasks import load_eval_docs, load_train_examples
+    from .evaluation import perplexity, score_multiple_choice
+    from .tasks import load_eval_docs, load_plain_text, load_train_examples
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,14 @@ def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
 
     def score(model, docs):
         return score_multiple_choice(model, tokenizer, docs, batch_size=config.eval_batch_size, progress=progress)
+
+    if config.perplexity_chars:
+        text = load_plain_text(config.perplexity_chars)
+        for name, make_model in (("full", lambda: base), ("emulator", lambda: load_emulator(emulator_dir).model)):
+            if store.get("_perplexity", name) is None:
+                log(f"[perplexity] {name} model on {len(text):,} characters of held-out text ...")
+                store.put("_perplexity", name, perplexity(make_model().to(device), tokenizer, text, progress=progress))
+            log(f"[perplexity] {name:<8} {store.get('_perplexity', name)['ppl']:.1f}")
 
     for task in config.tasks:
         docs = load_eval_docs(task, config.eval_limit)
@@ -222,6 +231,13 @@ def write_outputs(data: dict, out: Path, config: ReportConfig) -> None:
         markdown_table(data),
         "",
     ]
+    ppl = data["tasks"].get("_perplexity", {})
+    if ppl:
+        body += [
+            f"Perplexity on held-out plain text ({config.perplexity_chars:,} characters of BoolQ passages): "
+            + ", ".join(f"{name} {r['ppl']:.1f}" for name, r in ppl.items()),
+            "",
+        ]
     (out / "report.md").write_text("\n".join(body))
     plot(data, out / "report.png")
 
