@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lora", action="store_true")
+    p.add_argument("--healing-steps", type=int, default=100, help="privacy check per emulator (0 = skip)")
     p.add_argument("--full-finetune", action="store_true", help="also the full fine-tuning baseline (expensive)")
     p.add_argument("--out", default=str(ROOT / "runs" / "ot_layerdrop"))
     p.add_argument("--update-readme", action="store_true")
@@ -52,6 +53,7 @@ def main() -> None:
             train_limit=args.train_limit,
             eval_limit=args.eval_limit,
             full_finetune=args.full_finetune,
+            healing_steps=args.healing_steps,
             out=str(Path(args.out) / f"k{k}"),
             title=f"OT LayerDrop 2-{k}-2",
         )

@@ -21,6 +21,7 @@ def test_report_runs_every_setting_and_resumes(base_dir, tmp_path):
         eval_batch_size=8,
         full_finetune=True,
         perplexity_chars=400,
+        healing_steps=2,
         out=str(tmp_path / "report"),
     )
     lines = []
@@ -32,6 +33,9 @@ def test_report_runs_every_setting_and_resumes(base_dir, tmp_path):
     table = (out / "report.md").read_text()
     assert "| mean |" in table and "plug-in − emulator FT" in table and "Perplexity" in table
     assert set(data["tasks"]["_perplexity"]) == {"full", "emulator"}
+    assert "Healing check: 2 steps" in table and "ships" in table
+    verbatim = data["tasks"]["_privacy"]["verbatim"]
+    assert 0.5 < verbatim["fraction"] < 1.0  # 6 of 8 blocks + embeddings are shipped as they are
     assert (out / "report.png").stat().st_size > 1000
     assert (out / "sciq" / "offsite" / "adapter" / "manifest.json").is_file()
 

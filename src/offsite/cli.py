@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=argparse.SUPPRESS, help="evaluation docs per task")
     p.add_argument("--train-limit", type=int, default=argparse.SUPPRESS, help="training examples per task")
     p.add_argument("--full-finetune", action="store_true", default=argparse.SUPPRESS, help="also the full fine-tuning baseline")
+    p.add_argument("--healing-steps", type=int, default=argparse.SUPPRESS, help="privacy check: heal the emulator for N steps")
 
     p = command("demo", cmd_demo, "The two-party round trip on the default real model, with the five-number table.")
     p.add_argument("--out", default=argparse.SUPPRESS, help="(default: runs/demo)")

@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .methods import build_emulator, make_config
 from .models import resolve_model
 from .plugin import plug_in, plug_into_emulator
+from .privacy import gap_closed, heal, verbatim_fraction
 from .training import FinetuneConfig, finetune, train
 
 SETTINGS = ("full_zs", "emulator_zs", "emulator_ft", "plugin", "full_ft")
@@ -49,6 +50,7 @@ class ReportConfig:
     eval_batch_size: int = 32
     full_finetune: bool = False
     perplexity_chars: int = 20_000  # held-out plain text for full vs emulator perplexity; 0 = skip
+    healing_steps: int = 0  # privacy check: steps of middle-block training on generic text; 0 = skip
     out: str = "runs/report"
     title: str = ""
     device: str = "auto"  # where evaluation runs; training places itself via accelerate
@@ -71,13 +73,19 @@ class ReportConfig:
         return cls(**data)
 
 
+# What the cached numbers depend on; other options (tasks, output paths, batch size for scoring,
+# extra checks) can change between runs of the same report.
+RESULT_KEYS = ("model", "method", "method_params", "finetune", "train_limit", "eval_limit")
+
+
 class ResultStore:
     """results.json: {task: {setting: metrics}}, rewritten atomically after every number."""
 
     def __init__(self, path: Path, config: dict):
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {}
-        if self.data.get("config") not in (None, config):
+        stored = self.data.get("config")
+        if stored is not None and any(stored.get(k) != config.get(k) for k in RESULT_KEYS):
             raise ConfigError(f"{path} holds results of a different configuration; choose another --out")
         self.data["config"] = config
         self.data.setdefault("tasks", {})
@@ -95,7 +103,7 @@ class ResultStore:
 def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
     """Compute every missing number of the report and write results.json, report.md and report.png."""
     from .evaluation import perplexity, score_multiple_choice
-    from .tasks import load_eval_docs, load_plain_text, load_train_examples
+    from .tasks import load_eval_docs, load_generic_text, load_plain_text, load_train_examples
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,10 +129,31 @@ def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
     if config.perplexity_chars:
         text = load_plain_text(config.perplexity_chars)
         for name, make_model in (("full", lambda: base), ("emulator", lambda: load_emulator(emulator_dir).model)):
-            if store.get("_perplexity", name) is None:
+            if (store.get("_perplexity", name) or {}).get("chars") != config.perplexity_chars:
                 log(f"[perplexity] {name} model on {len(text):,} characters of held-out text ...")
-                store.put("_perplexity", name, perplexity(make_model().to(device), tokenizer, text, progress=progress))
+                result = perplexity(make_model().to(device), tokenizer, text, progress=progress)
+                store.put("_perplexity", name, result | {"chars": config.perplexity_chars})
             log(f"[perplexity] {name:<8} {store.get('_perplexity', name)['ppl']:.1f}")
+
+    if store.get("_privacy", "verbatim") is None:
+        store.put("_privacy", "verbatim", verbatim_fraction(base, load_emulator(emulator_dir)))
+    log(f"[privacy] the emulator bundle ships {100 * store.get('_privacy', 'verbatim')['fraction']:.1f}% of the base parameters verbatim")
+    if config.healing_steps and config.perplexity_chars:
+        if (store.get("_privacy", "healing") or {}).get("steps") != config.healing_steps:
+            log(f"[privacy] healing: {config.healing_steps} steps of middle-block training on generic text ...")
+            healed = heal(load_emulator(emulator_dir), load_generic_text(), config.healing_steps, progress=progress)
+            ppl = {name: store.get("_perplexity", name)["ppl"] for name in ("full", "emulator")}
+            healed_ppl = perplexity(healed.to(device), tokenizer, text, progress=progress)["ppl"]
+            store.put("_privacy", "healing", {
+                "steps": config.healing_steps,
+                "ppl_full": ppl["full"],
+                "ppl_emulator": ppl["emulator"],
+                "ppl_healed": healed_ppl,
+                "gap_closed": gap_closed(ppl["emulator"], healed_ppl, ppl["full"]),
+            })
+        h = store.get("_privacy", "healing")
+        log(f"[privacy] healed emulator perplexity {h['ppl_healed']:.1f} (emulator {h['ppl_emulator']:.1f}, "
+            f"full {h['ppl_full']:.1f}): {100 * h['gap_closed']:.0f}% of the gap closed")
 
     for task in config.tasks:
         docs = load_eval_docs(task, config.eval_limit)
@@ -231,6 +260,16 @@ def write_outputs(data: dict, out: Path, config: ReportConfig) -> None:
         markdown_table(data),
         "",
     ]
+    privacy = data["tasks"].get("_privacy", {})
+    if "verbatim" in privacy:
+        body.append(f"Privacy: the emulator bundle ships {100 * privacy['verbatim']['fraction']:.1f}% of the base "
+                    f"parameters verbatim ({privacy['verbatim']['verbatim_parameters']:,} of {privacy['verbatim']['base_parameters']:,}).")
+    if "healing" in privacy:
+        h = privacy["healing"]
+        body.append(f"Healing check: {h['steps']} steps of training the emulator's middle blocks on generic text take its "
+                    f"perplexity from {h['ppl_emulator']:.1f} to {h['ppl_healed']:.1f} (full model {h['ppl_full']:.1f}): "
+                    f"{100 * h['gap_closed']:.0f}% of the gap closed.")
+    body.append("")
     ppl = data["tasks"].get("_perplexity", {})
     if ppl:
         body += [
@@ -289,6 +328,7 @@ def demo_config(**overrides) -> ReportConfig:
         finetune=FinetuneConfig(lr=1e-4, batch_size=8, epochs=1, max_length=128),
         train_limit=1000,
         eval_limit=300,
+        healing_steps=30,
         out="runs/demo",
         title="offsite demo",
     )

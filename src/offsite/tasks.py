@@ -96,14 +96,39 @@ def load_plain_text(limit_chars: int | None = 100_000) -> str:
 
     BoolQ is not one of TASKS, so no training set here contains this text. Passages are unique,
     in file order, without their "Title -- " prefix, joined by blank lines, and cut at a passage
-    boundary once `limit_chars` is reached (None: all ~1.7 M characters).
+    boundary once `limit_chars` is reached. Only the first half of the passages is ever used
+    here (None: all of it, ~0.85 M characters); the second half is `load_generic_text`.
     """
+    passages = _boolq_passages()
+    return _join(passages[: len(passages) // 2], limit_chars)
+
+
+def load_generic_text(limit_chars: int | None = 200_000) -> list[str]:
+    """Generic English for owner-side training (emulator distillation) or a data owner's
+    "healing" attempt: the second half of the BoolQ passages, disjoint from `load_plain_text`,
+    one passage per item."""
+    passages = _boolq_passages()
+    out, size = [], 0
+    for passage in passages[len(passages) // 2 :]:
+        if limit_chars is not None and size >= limit_chars:
+            break
+        out.append(passage)
+        size += len(passage)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _boolq_passages() -> tuple[str, ...]:
     passages: dict[str, None] = {}
     for row in _rows(_task_file("boolq", EVAL_VARIANT)):
         if row["doc_id"] < UNCOND_OFFSET and row["idx"] == 0:
             passage = row["doc"]["query"].rsplit("\nQuestion:", 1)[0]
             _, sep, body = passage.partition(" -- ")
             passages[body if sep else passage] = None
+    return tuple(passages)
+
+
+def _join(passages, limit_chars: int | None) -> str:
     out: list[str] = []
     size = 0
     for passage in passages:
