@@ -93,7 +93,7 @@ def test_adapter_applies_to_its_emulator(tokenizer, examples, tmp_path, lora):
     data owner trained (same logits as the trained model in memory)."""
     from offsite.emulator import load_emulator
     from offsite.plugin import plug_into_emulator
-    from offsite.training import make_trainable, train
+    from offsite.training import make_trainable, pad_token_id, tokenize_examples, train
     from offsite.errors import PluginError
 
     owner_compress("qwen2", tokenizer, tmp_path)
@@ -102,7 +102,8 @@ def test_adapter_applies_to_its_emulator(tokenizer, examples, tmp_path, lora):
 
     emu = load_emulator(tmp_path / "emu")
     model, _ = make_trainable(emu, config)
-    trained = train(model, emu.tokenizer, examples, config, progress=False).model
+    features = tokenize_examples(emu.tokenizer, examples, config.max_length)
+    trained = train(model, features, pad_token_id(emu.tokenizer), config, progress=False).model
     ids = torch.randint(3, VOCAB, (2, 10))
     applied = plug_into_emulator(load_emulator(tmp_path / "emu"), adapter_dir)
     with torch.no_grad():

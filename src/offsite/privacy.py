@@ -18,7 +18,7 @@ import torch
 from .data import Example
 from .emulator import LoadedEmulator
 from .surgery import discover_layout, get_blocks
-from .training import FinetuneConfig, train
+from .training import FinetuneConfig, pad_token_id, tokenize_examples, train
 
 
 def _digest(tensor: torch.Tensor) -> bytes:
@@ -51,7 +51,8 @@ def heal(emulator: LoadedEmulator, texts: list[str], steps: int, lr: float = 1e-
         if i not in emulator.trainable:
             blocks[i].requires_grad_(True)
     config = FinetuneConfig(lr=lr, batch_size=batch_size, max_steps=steps, max_length=max_length, warmup_ratio=0.0)
-    return train(model, emulator.tokenizer, [Example("", t) for t in texts], config, progress=progress, desc="healing").model
+    features = tokenize_examples(emulator.tokenizer, [Example("", t) for t in texts], max_length)
+    return train(model, features, pad_token_id(emulator.tokenizer), config, progress=progress, desc="healing").model
 
 
 def gap_closed(ppl_emulator: float, ppl_healed: float, ppl_full: float) -> float:

@@ -24,7 +24,7 @@ from .methods import build_emulator, make_config
 from .models import resolve_model
 from .plugin import plug_in, plug_into_emulator
 from .privacy import gap_closed, heal, verbatim_fraction
-from .training import FinetuneConfig, finetune, train
+from .training import FinetuneConfig, finetune, pad_token_id, tokenize_examples, train
 
 SETTINGS = ("full_zs", "emulator_zs", "emulator_ft", "plugin", "full_ft")
 LABELS = {
@@ -205,7 +205,8 @@ def full_finetune(model_path: Path, tokenizer, examples, config: FinetuneConfig,
         model = get_peft_model(model, LoraSettings(config.lora_r, config.lora_alpha, targets, config.lora_dropout).to_peft())
     else:
         model.requires_grad_(True)
-    return train(model, tokenizer, examples, config, progress=progress, desc="full fine-tuning").model
+    features = tokenize_examples(tokenizer, examples, config.max_length)
+    return train(model, features, pad_token_id(tokenizer), config, progress=progress, desc="full fine-tuning").model
 
 
 # ---------------------------------------------------------------- outputs

@@ -162,7 +162,8 @@ def finetune(
     set_seed(config.seed)
     emulator = load_emulator(bundle_dir, dtype=torch.float32)
     model, lora = make_trainable(emulator, config)
-    run = train(model, emulator.tokenizer, examples, config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
+    features = tokenize_examples(emulator.tokenizer, examples, config.max_length)
+    run = train(model, features, pad_token_id(emulator.tokenizer), config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
     if run.accelerator.is_main_process:
         training = {**dataclasses.asdict(config), "learning_rate": config.learning_rate, "precision": run.accelerator.mixed_precision}
         save_adapter(run.model, emulator, adapter_dir, training, run.metrics, lora, overwrite=overwrite)
@@ -177,31 +178,42 @@ class TrainResult:
     accelerator: Accelerator
 
 
+def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
+    if not examples:
+        raise ConfigError("no training examples")
+    return [tokenize_example(tokenizer, ex, max_length) for ex in examples]
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def train(
     model: torch.nn.Module,
-    tokenizer,
-    examples: list[Example],
+    features: list[dict[str, list[int]]],
+    pad_id: int,
     config: FinetuneConfig,
     ckpt_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
     desc: str = "finetune",
+    loss_fn=causal_lm_loss,
+    callback=None,
 ) -> TrainResult:
-    """Causal-LM training of whatever parameters of `model` require grad, on context-masked examples.
+    """Train whatever parameters of `model` require grad on tokenised `features` (input_ids, labels).
 
     AdamW + warmup/decay schedule in optimizer steps, gradient accumulation, clipping, mixed
     precision and multi-process data parallelism via accelerate; periodic checkpoints to
-    `ckpt_dir` and exact resume from the latest one.
+    `ckpt_dir` and exact resume from the latest one. `loss_fn(model, batch, head)` defaults to
+    the answer-only causal-LM loss; `callback(step, unwrapped_model)` runs at every checkpoint step.
     """
-    if not examples:
+    if not features:
         raise ConfigError("no training examples")
     accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     params = trainable_parameters(model)
     if not params:
         raise ConfigError("nothing to train: no parameter requires grad")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    features = [tokenize_example(tokenizer, ex, config.max_length) for ex in examples]
 
     _, total_steps = count_steps(len(features), config, accelerator.num_processes)
     optimizer = torch.optim.AdamW(
@@ -244,7 +256,7 @@ def train(
         batches_done = skip
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = causal_lm_loss(model, batch, head)
+                loss = loss_fn(model, batch, head)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
@@ -261,10 +273,13 @@ def train(
             recent = losses[-config.log_every * config.grad_accum:]
             if step % config.log_every == 0 or step == total_steps:
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if ckpt_dir and config.checkpoint_every and step % config.checkpoint_every == 0 and accelerator.is_main_process:
-                done_epoch = batches_done >= epoch_len
-                position = {"epoch": epoch + 1 if done_epoch else epoch, "batches_done": 0 if done_epoch else batches_done}
-                save_checkpoint(ckpt_dir, step, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler, position)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                if ckpt_dir and accelerator.is_main_process:
+                    done_epoch = batches_done >= epoch_len
+                    position = {"epoch": epoch + 1 if done_epoch else epoch, "batches_done": 0 if done_epoch else batches_done}
+                    save_checkpoint(ckpt_dir, step, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler, position)
+                if callback:
+                    callback(step, accelerator.unwrap_model(model))
             if step >= total_steps:
                 break
         epoch, skip = epoch + 1, 0
@@ -278,6 +293,6 @@ def train(
         "final_loss": sum(recent) / max(1, len(recent)),
         "train_tokens": tokens,
         "seconds": round(time.perf_counter() - start, 2),
-        "num_examples": len(examples),
+        "num_examples": len(features),
     }
     return TrainResult(accelerator.unwrap_model(model), metrics, accelerator)
