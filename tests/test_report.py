@@ -1,6 +1,8 @@
 """The five-number report on a tiny model and real (offline) task data: every number, resumable."""
 
 
+import json
+
 import pytest
 
 from offsite.errors import ConfigError
@@ -52,9 +54,24 @@ def test_report_runs_every_setting_and_resumes(base_dir, tmp_path):
 
 
 def test_report_config_from_yaml_mapping():
-    config = ReportConfig.from_dict({"tasks": "piqa,sciq", "finetune": {"lora": True, "lr": 1e-4}, "method_params": {"num_kept": 4}})
+    config = ReportConfig.from_dict({"distill": {"tokens": 1000}, "tasks": "piqa,sciq", "finetune": {"lora": True, "lr": 1e-4}, "method_params": {"num_kept": 4}})
     assert config.tasks == ["piqa", "sciq"] and config.finetune.lora and config.finetune.lr == 1e-4
     with pytest.raises(ConfigError, match="no option"):
         ReportConfig.from_dict({"finetune": {"learning_rat": 1}})
     with pytest.raises(ConfigError, match="no option"):
         ReportConfig.from_dict({"taks": "piqa"})
+
+
+@pytest.mark.slow
+def test_report_with_a_distilled_emulator(base_dir, tmp_path):
+    config = ReportConfig(
+        model=str(base_dir), tasks=["sciq"], method_params={"num_kept": 2},
+        distill={"block_size": 16, "batch_size": 2, "tokens": 16 * 2 * 3, "eval_every": 3, "eval_chars": 300},
+        finetune=FinetuneConfig(max_steps=1, batch_size=4, max_length=64), train_limit=4, eval_limit=3,
+        perplexity_chars=0, out=str(tmp_path / "r"),
+    )
+    data = run_report(config, progress=False, log=lambda *_: None)
+    assert (tmp_path / "r" / "emulator-distilled" / "manifest.json").is_file()
+    manifest = json.loads((tmp_path / "r" / "sciq" / "offsite" / "adapter" / "manifest.json").read_text())
+    assert manifest["emulator"]["method"]["params"]["distillation"]["steps"] == 3
+    assert set(data["tasks"]["sciq"]) == {"full_zs", "emulator_zs", "emulator_ft", "plugin"}

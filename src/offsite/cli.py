@@ -140,6 +140,23 @@ def cmd_finetune(opts: dict) -> None:
     print_summary(adapter)
 
 
+def cmd_distill(opts: dict) -> None:
+    from .distill import DistillConfig, distill
+    from .models import resolve_model
+    from .tasks import load_generic_text, load_plain_text
+
+    model_path, _ = resolve_model(take(opts, "model"))
+    bundle, out = take(opts, "bundle"), take(opts, "out")
+    resume, overwrite = take(opts, "resume", False), take(opts, "overwrite", False)
+    config = build_dataclass(DistillConfig, split_for(DistillConfig, opts))
+    _reject_leftovers(opts)
+    # About 4 characters per token of English; the held-out text is disjoint from the training text.
+    texts = load_generic_text(limit_chars=5 * config.tokens)
+    path = distill(model_path, bundle, out, texts, load_plain_text(config.eval_chars), config, resume=resume, overwrite=overwrite)
+    print(f"distilled emulator bundle written to {path}")
+    print_summary(path)
+
+
 def cmd_plugin(opts: dict) -> None:
     from .models import resolve_model
     from .plugin import plugin_checkpoint
@@ -281,6 +298,7 @@ def print_summary(bundle_dir) -> None:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .distill import DistillConfig
     from .methods import METHODS
     from .training import FinetuneConfig
 
@@ -302,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     seen: set[str] = set()
     for method in METHODS.values():
         add_dataclass_flags(p, method.config_class, seen)
+
+    p = command("distill", cmd_distill, "Owner: distil an emulator's middle blocks towards the full model (OT + KD).")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
+    p.add_argument("--bundle", default=argparse.SUPPRESS, help="emulator bundle to distil")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="new emulator bundle directory")
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
+    add_dataclass_flags(p, DistillConfig)
 
     p = command("finetune", cmd_finetune, "Data owner: train the adapter on the emulator, export an adapter bundle.")
     p.add_argument("--bundle", default=argparse.SUPPRESS, help="emulator bundle directory")

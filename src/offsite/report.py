@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .bundle import model_fingerprint, read_manifest
+from .distill import DistillConfig, distill
 from .emulator import load_checkpoint, load_emulator, save_emulator
 from .errors import ConfigError
 from .methods import build_emulator, make_config
@@ -44,6 +45,7 @@ class ReportConfig:
     tasks: list[str] = field(default_factory=lambda: ["arc_easy"])
     method: str = "layerdrop"
     method_params: dict = field(default_factory=lambda: {"num_kept": 22})
+    distill: dict | None = None  # DistillConfig fields: distil the emulator before handing it over
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train_limit: int | None = None  # training examples per task (random subset, fixed seed)
     eval_limit: int | None = None  # evaluation docs per task (first N of the standard split)
@@ -75,7 +77,7 @@ class ReportConfig:
 
 # What the cached numbers depend on; other options (tasks, output paths, batch size for scoring,
 # extra checks) can change between runs of the same report.
-RESULT_KEYS = ("model", "method", "method_params", "finetune", "train_limit", "eval_limit")
+RESULT_KEYS = ("model", "method", "method_params", "distill", "finetune", "train_limit", "eval_limit")
 
 
 class ResultStore:
@@ -122,6 +124,14 @@ def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
         del emulator
     elif read_manifest(emulator_dir)["base"]["fingerprint"] != fingerprint:
         raise ConfigError(f"{emulator_dir} was made from another model; choose another --out")
+    if config.distill is not None:
+        distilled_dir = out / "emulator-distilled"
+        if not distilled_dir.exists():
+            settings = DistillConfig(**config.distill)
+            log(f"[owner] distilling the emulator on {settings.tokens:,} tokens of generic text")
+            distill(model_path, emulator_dir, distilled_dir, load_generic_text(5 * settings.tokens),
+                    load_plain_text(settings.eval_chars), settings, resume=True, progress=progress, log=log)
+        emulator_dir = distilled_dir
 
     def score(model, docs):
         return score_multiple_choice(model, tokenizer, docs, batch_size=config.eval_batch_size, progress=progress)
