@@ -179,6 +179,7 @@ def build_reduced_model(
         raise UnsupportedModelError(
             f"{layout.model_type}: rebuilt model does not match its weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    reduced.tie_weights()  # copied weights arrive untied; a tied head must not be saved twice
     reduced.generation_config = copy.deepcopy(model.generation_config)
     reduced.eval()
     return reduced
