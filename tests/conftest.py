@@ -1,3 +1,5 @@
+import collections
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -9,11 +11,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import FAMILIES, save_tiny_checkpoint, tiny_model, tiny_tokenizer  # noqa: E402
 
-from offsite.bundle import MANIFEST, _listed_files  # noqa: E402
+from offsite.bundle import MANIFEST, SIGNATURE  # noqa: E402
 from offsite.data import Example  # noqa: E402
 
 # Tiny models run fastest single-threaded, and CI has two cores.
 torch.set_num_threads(1)
+
+# Hypothesis cases run by tests/test_fuzz.py, by bundle kind and outcome; printed at the end.
+FUZZ_CASES: collections.Counter = collections.Counter()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_CASES:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(FUZZ_CASES.items()))
+        terminalreporter.write_line(f"fuzz: {sum(FUZZ_CASES.values())} hypothesis cases ({detail})")
 
 
 @pytest.fixture(scope="session")
@@ -35,11 +46,19 @@ def base_dir(tmp_path):
 
 
 def rehash(bundle_dir: Path) -> None:
-    """Rewrite a bundle manifest's file table after a test edits files on purpose,
-    so the check under test (not the hash check) is the one that fires."""
-    path = Path(bundle_dir) / MANIFEST
+    """Rewrite a bundle manifest's file table after a test edits files on purpose, as an attacker
+    who controls the manifest would, so the check under test (not the hash check) is the one
+    that fires. Follows symbolic links (the bundle reader must not) and drops any signature's
+    validity, as any edit of the manifest does."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
     manifest = json.loads(path.read_text())
-    manifest["files"] = _listed_files(Path(bundle_dir))
+    files = {}
+    for p in sorted(bundle_dir.rglob("*")):
+        rel = p.relative_to(bundle_dir).as_posix()
+        if p.is_file() and rel not in (MANIFEST, SIGNATURE):
+            files[rel] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
+    manifest["files"] = files
     path.write_text(json.dumps(manifest))
 
 

@@ -18,23 +18,58 @@ def run(capsys, *argv):
 def test_two_party_round_trip_from_the_cli(base_dir, examples, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     save_examples(examples, data)
-    code, out, _ = run(capsys, "compress", "--model", base_dir, "--out", tmp_path / "emu", "--num-kept", 2)
-    assert code == 0 and "emulator -> original [0, 1, 2, 5, 6, 7]" in out
+    owner, data_owner = tmp_path / "owner-keys", tmp_path / "data-keys"
+    for keys in (owner, data_owner):
+        code, out, _ = run(capsys, "keygen", "--out", keys)
+        assert code == 0 and "key id" in out
+    code, out, _ = run(capsys, "compress", "--model", base_dir, "--out", tmp_path / "emu", "--num-kept", 2,
+                       "--sign-key", owner / "offsite.key")
+    assert code == 0 and "emulator -> original [0, 1, 2, 5, 6, 7]" in out and "manifest.sig present" in out
 
     config = tmp_path / "ft.yaml"
     config.write_text(yaml.safe_dump({"bundle": str(tmp_path / "emu"), "data": str(data), "lora": True, "lora_r": 4, "max_steps": 3, "batch_size": 4}))
-    code, out, _ = run(capsys, "finetune", "--config", config, "--out", tmp_path / "run", "--lr", "0.01")
+    code, _, err = run(capsys, "finetune", "--config", config, "--out", tmp_path / "run", "--trusted-key", data_owner / "offsite.pub")
+    assert code == 2 and "signature does not verify" in err and not (tmp_path / "run" / "adapter").exists()
+    code, out, _ = run(capsys, "finetune", "--config", config, "--out", tmp_path / "run", "--lr", "0.01",
+                       "--trusted-key", owner / "offsite.pub", "--sign-key", data_owner / "offsite.key")
     assert code == 0, out
-    manifest = json.loads((tmp_path / "run" / "adapter" / "manifest.json").read_text())
+    adapter = tmp_path / "run" / "adapter"
+    manifest = json.loads((adapter / "manifest.json").read_text())
     assert manifest["training"]["lora_r"] == 4 and manifest["training"]["learning_rate"] == 0.01  # YAML + flag
     assert manifest["metrics"]["steps"] == 3
+    assert "sign_key" not in manifest["training"] and str(data_owner) not in (adapter / "manifest.json").read_text()
 
-    code, out, _ = run(capsys, "plugin", "--model", base_dir, "--adapter", tmp_path / "run" / "adapter", "--out", tmp_path / "plugged")
+    code, out, _ = run(capsys, "verify", adapter, "--key", data_owner / "offsite.pub")
+    assert code == 0 and out.startswith(f"OK: {adapter}: adapter bundle")
+    code, _, err = run(capsys, "verify", adapter, "--key", owner / "offsite.pub")
+    assert code == 2 and err.count("\n") == 1 and "signature does not verify" in err
+
+    code, _, err = run(capsys, "plugin", "--model", base_dir, "--adapter", adapter, "--out", tmp_path / "plugged")
+    assert code == 2 and "missing required option --emulator" in err
+    code, out, _ = run(capsys, "plugin", "--model", base_dir, "--adapter", adapter, "--emulator", tmp_path / "emu",
+                       "--trusted-key", data_owner / "offsite.pub", "--out", tmp_path / "plugged")
     assert code == 0
-    code, out, _ = run(capsys, "inspect", tmp_path / "run" / "adapter")
+    code, out, _ = run(capsys, "inspect", adapter)
     assert code == 0 and "lora on original blocks [0, 1, 6, 7]" in out and "SHA-256 verified" in out
     code, out, _ = run(capsys, "inspect", tmp_path / "plugged", "--json")
     assert code == 0 and json.loads(out)["kind"] == "plugged"
+
+
+def test_verify_names_the_tampered_file(tmp_path, capsys, base_dir):
+    run(capsys, "keygen", "--out", tmp_path / "k")
+    code, _, err = run(capsys, "keygen", "--out", tmp_path / "k")
+    assert code == 2 and "already exists, not overwriting" in err
+    run(capsys, "compress", "--model", base_dir, "--out", tmp_path / "emu", "--num-kept", 2, "--sign-key", tmp_path / "k" / "offsite.key")
+    code, out, _ = run(capsys, "verify", tmp_path / "emu", "--key", tmp_path / "k" / "offsite.pub")
+    assert code == 0 and "OK" in out
+    weights = tmp_path / "emu" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    code, out, err = run(capsys, "verify", tmp_path / "emu", "--key", tmp_path / "k" / "offsite.pub")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "model.safetensors does not match its SHA-256" in err
+    code, _, err = run(capsys, "verify", tmp_path / "emu")
+    assert code == 2 and "give --key" in err
 
 
 @pytest.mark.parametrize(
@@ -45,6 +80,10 @@ def test_two_party_round_trip_from_the_cli(base_dir, examples, tmp_path, capsys)
         (["inspect", "nowhere"], "bundle not found"),
         (["finetune", "--bundle", "b", "--out", "o"], "exactly one of --data"),
         (["finetune", "--config", "missing.yaml"], "config file not found"),
+        (["plugin", "--model", "m", "--adapter", "a", "--out", "o"], "missing required option --emulator"),
+        (["evaluate", "--model", "m", "--adapter", "a"], "missing required option --emulator"),
+        (["verify", "nowhere", "--key", "missing.pub"], "public key file not found"),
+        (["keygen"], "missing required option --out"),
     ],
 )
 def test_errors_are_one_line(argv, message, capsys):

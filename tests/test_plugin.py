@@ -1,15 +1,19 @@
 """The owner's plug-in accepts exactly the adapter it expects, and leaves the model alone otherwise."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from offsite.adapter import load_adapter
+from offsite.bundle import read_manifest
 from offsite.emulator import compress_checkpoint, load_checkpoint
 from offsite.errors import BundleError, PluginError
 from offsite.methods import make_config
-from offsite.plugin import plug_in, plugin_checkpoint
+from offsite.plugin import MAX_NORM_RATIO, plug_in, plugin_checkpoint
+from offsite.signing import generate_keypair
 from offsite.training import FinetuneConfig, finetune
 from conftest import rehash
 from tiny import tiny_model
@@ -20,7 +24,7 @@ def trained(base_dir, examples, tmp_path):
     emu = compress_checkpoint(base_dir, tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
     full = finetune(emu, examples, tmp_path / "full", FinetuneConfig(max_steps=2, lr=1e-3), progress=False)
     lora = finetune(emu, examples, tmp_path / "lora", FinetuneConfig(lora=True, max_steps=2, lr=1e-2), progress=False)
-    return {"full": full, "lora": lora}
+    return {"full": full, "lora": lora, "emulator": emu}
 
 
 def base_model(base_dir):
@@ -35,11 +39,11 @@ def edit_tensors(adapter_dir, edit):
     rehash(adapter_dir)
 
 
-def assert_rejected_and_untouched(base_dir, adapter_dir, match):
+def assert_rejected_and_untouched(base_dir, adapter_dir, match, emulator=None, error=PluginError, **kwargs):
     model = base_model(base_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(PluginError, match=match):
-        plug_in(model, adapter_dir)
+    with pytest.raises(error, match=match):
+        plug_in(model, adapter_dir, emulator=emulator or adapter_dir.parent.parent / "emu", **kwargs)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -64,9 +68,11 @@ def test_other_architecture_is_refused(trained):
         ("full", lambda t: t.pop("model.layers.0.mlp.up_proj.weight"), "lacks tensors"),
         ("full", lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(65, 32)), "shape"),
         ("full", lambda t: t.__setitem__("model.layers.7.mlp.up_proj.weight", torch.full((64, 32), float("nan"))), "NaN"),
-        ("full", lambda t: t.__setitem__("model.layers.7.mlp.up_proj.weight", torch.zeros(64, 32, dtype=torch.int32)), "non-floating"),
+        ("full", lambda t: t.__setitem__("model.layers.7.mlp.up_proj.weight", torch.full((64, 32), 1e6)), "over the bound"),
+        ("full", lambda t: t.__setitem__("model.layers.0.input_layernorm.weight", torch.full((32,), 1e3)), "over the bound"),
         ("lora", lambda t: t.__setitem__("base_model.model.lm_head.lora_A.weight", torch.zeros(8, 32)), "outside the allowed"),
         ("lora", lambda t: t.__setitem__(next(iter(t)), torch.zeros(3, 3)), "shape"),
+        ("lora", lambda t: [t.__setitem__(k, torch.full_like(v, 50.0)) for k, v in t.items()], "LoRA update.*over the bound"),
     ],
 )
 def test_tampered_tensors_are_refused(base_dir, trained, kind, edit, match):
@@ -90,7 +96,7 @@ def test_lora_modules_to_save_is_refused(base_dir, trained):
     path.write_text(json.dumps(config))
     rehash(trained["lora"])
     with pytest.raises(BundleError, match="modules_to_save"):
-        plug_in(base_model(base_dir), trained["lora"])
+        plug_in(base_model(base_dir), trained["lora"], emulator=trained["emulator"])
 
 
 def test_tampered_byte_is_refused_with_the_file_named(base_dir, trained):
@@ -109,7 +115,7 @@ def test_emulator_bundle_is_not_an_adapter(base_dir, tmp_path, trained):
 
 @pytest.mark.parametrize("merge", [True, False])
 def test_plugin_checkpoint_writes_a_loadable_model(base_dir, trained, tmp_path, merge):
-    out = plugin_checkpoint(base_dir, trained["lora"], tmp_path / "plugged", merge=merge)
+    out = plugin_checkpoint(base_dir, trained["lora"], tmp_path / "plugged", merge=merge, emulator=trained["emulator"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "plugged" and manifest["adapter"]["merged"] is merge
     if merge:
@@ -121,5 +127,71 @@ def test_plugin_checkpoint_writes_a_loadable_model(base_dir, trained, tmp_path, 
         assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(BundleError, match="already exists"):
-        plugin_checkpoint(base_dir, trained["lora"], out, merge=merge)
+        plugin_checkpoint(base_dir, trained["lora"], out, merge=merge, emulator=trained["emulator"])
     assert (out / "manifest.json").read_bytes() == before
+
+
+def test_dtypes_other_than_the_declared_floats_are_refused(base_dir, trained):
+    edit_tensors(trained["full"], lambda t: t.__setitem__("model.layers.7.mlp.up_proj.weight", torch.zeros(64, 32, dtype=torch.int32)))
+    assert_rejected_and_untouched(base_dir, trained["full"], "holds tensors of dtype", error=BundleError)
+    bundle = load_adapter(trained["lora"])
+    bundle.tensors = {k: v.double() for k, v in bundle.tensors.items()}  # in memory: the plug-in's own check
+    assert_rejected_and_untouched(base_dir, bundle, "dtype torch.float64", emulator=trained["emulator"])
+
+
+def claim_every_block(adapter_dir, base_dir):
+    """A malicious data owner: add tensors for a middle block and declare it an adapter block."""
+    base = base_model(base_dir).state_dict()
+    edit_tensors(adapter_dir, lambda t: t.update({k: v + 1.0 for k, v in base.items() if k.startswith("model.layers.3.")}))
+    path = adapter_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["adapter"]["blocks"] = [0, 1, 3, 6, 7]
+    path.write_text(json.dumps(manifest))
+
+
+def test_an_adapter_cannot_claim_blocks_the_emulator_did_not_declare(base_dir, trained):
+    claim_every_block(trained["full"], base_dir)
+    assert_rejected_and_untouched(base_dir, trained["full"], r"claims blocks \[0, 1, 3, 6, 7\].*declared only blocks \[0, 1, 6, 7\]")
+    with pytest.raises(PluginError, match="declared only blocks"):
+        plugin_checkpoint(base_dir, trained["full"], base_dir.parent / "out", emulator=trained["emulator"])
+    assert not (base_dir.parent / "out").exists()
+
+
+def test_an_adapter_from_another_emulator_is_refused(base_dir, trained, examples, tmp_path):
+    other = compress_checkpoint(base_dir, tmp_path / "emu3", "layerdrop", make_config("layerdrop", num_kept=3))
+    assert_rejected_and_untouched(base_dir, trained["full"], "trained on a different emulator", emulator=other)
+
+
+def test_the_emulator_record_is_just_its_manifest(base_dir, trained, tmp_path):
+    record = tmp_path / "record"
+    record.mkdir()
+    shutil.copy(trained["emulator"] / "manifest.json", record / "manifest.json")  # the owner kept only the manifest
+    model = plug_in(base_model(base_dir), trained["full"], emulator=record)
+    expected = load_adapter(trained["full"]).tensors
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_genuine_high_learning_rate_fine_tunes_stay_within_the_norm_bound(base_dir, trained, examples, tmp_path):
+    """Full blocks at lr 0.1 (2000x the default) and LoRA at lr 0.03 (100x), 60 steps: accepted."""
+    emu = trained["emulator"]
+    for name, config in {"full": FinetuneConfig(lr=0.1, max_steps=60), "lora": FinetuneConfig(lora=True, lr=0.03, max_steps=60)}.items():
+        adapter = finetune(emu, examples, tmp_path / f"hot-{name}", config, progress=False)
+        plug_in(base_model(base_dir), adapter, emulator=emu)
+    assert MAX_NORM_RATIO == 100.0
+
+
+def test_the_norm_bound_is_configurable(base_dir, trained):
+    edit_tensors(trained["full"], lambda t: t.__setitem__("model.layers.7.mlp.up_proj.weight", torch.full((64, 32), 1e3)))
+    assert_rejected_and_untouched(base_dir, trained["full"], "over the bound")
+    plug_in(base_model(base_dir), trained["full"], emulator=trained["emulator"], max_norm_ratio=None)
+
+
+def test_signed_adapter_is_verified_before_plug_in(base_dir, trained, examples, tmp_path):
+    data_key, data_pub = generate_keypair(tmp_path / "keys")
+    signed = finetune(trained["emulator"], examples, tmp_path / "signed", FinetuneConfig(max_steps=1), progress=False, sign_key=data_key)
+    plug_in(base_model(base_dir), signed, emulator=trained["emulator"], trusted_key=data_pub)
+    assert_rejected_and_untouched(base_dir, trained["full"], "is rejected: it is not signed", error=BundleError, trusted_key=data_pub)
+    with pytest.raises(BundleError, match="not signed"):
+        plugin_checkpoint(base_dir, trained["full"], tmp_path / "out", emulator=trained["emulator"], trusted_key=data_pub)
+    out = plugin_checkpoint(base_dir, signed, tmp_path / "out", emulator=trained["emulator"], trusted_key=data_pub, sign_key=data_key)
+    assert read_manifest(out, trusted_key=data_pub)["emulator"]["fingerprint"]

@@ -10,7 +10,6 @@ Two kinds travel back to the owner:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .bundle import bundle_fingerprint, read_manifest, write_bundle
+from .bundle import DTYPES, bundle_fingerprint, read_json_member, read_manifest, safetensors_header, write_bundle
 from .emulator import LoadedEmulator
 from .errors import BundleError
 from .surgery import BlockLayout
@@ -33,6 +32,7 @@ PEFT_PREFIX = "base_model.model."
 # which would let it replace the LM head) makes the bundle invalid.
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias")
 MAX_LORA_RANK = 4096
+MAX_LORA_ALPHA = 1e6
 
 
 @dataclass
@@ -90,8 +90,9 @@ def save_adapter(
     metrics: dict | None = None,
     lora: LoraSettings | None = None,
     overwrite: bool = False,
+    sign_key=None,
 ) -> Path:
-    """Write the adapter bundle the data owner sends back."""
+    """Write the adapter bundle the data owner sends back (signed with `sign_key` when given)."""
     tensors = adapter_tensors(model, emulator)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     base = emulator.manifest["base"]
@@ -118,7 +119,7 @@ def save_adapter(
         else:
             save_file(tensors, tmp / FULL_WEIGHTS, metadata={"format": "pt"})
 
-    return write_bundle(out_dir, "adapter", manifest, write, overwrite=overwrite)
+    return write_bundle(out_dir, "adapter", manifest, write, overwrite=overwrite, sign_key=sign_key)
 
 
 @dataclass
@@ -159,28 +160,43 @@ class AdapterBundle:
         return AdapterBundle(manifest, {rename(k): v for k, v in self.tensors.items()}, lora)
 
 
-def load_adapter(bundle_dir: str | Path) -> AdapterBundle:
-    """Verify an adapter bundle and read its tensors (safetensors only) and LoRA settings."""
+# safetensors dtype names of the floating dtypes an adapter tensor may have.
+FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def load_adapter(bundle_dir: str | Path, trusted_key=None) -> AdapterBundle:
+    """Verify an adapter bundle (signature too, when a trusted key is configured) and read its
+    tensors (safetensors only, header checked first) and LoRA settings."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir, kind="adapter")
+    manifest = read_manifest(bundle_dir, kind="adapter", trusted_key=trusted_key)
     spec = manifest.get("adapter")
     if (
         not isinstance(spec, dict)
         or spec.get("type") not in ("full", "lora")
         or not isinstance(spec.get("blocks_path"), str)
         or not isinstance(spec.get("blocks"), list)
+        or not spec["blocks"]
         or not all(type(i) is int for i in spec["blocks"])
+        or len(set(spec["blocks"])) != len(spec["blocks"])
+        or not isinstance(spec.get("dtypes"), list)
+        or not all(d in DTYPES for d in spec["dtypes"])
         or not isinstance(manifest.get("base"), dict)
         or not isinstance(manifest["base"].get("fingerprint"), str)
+        or not isinstance(manifest.get("emulator"), dict)
+        or not isinstance(manifest["emulator"].get("fingerprint"), str)
     ):
-        raise BundleError(f"adapter manifest has a malformed 'adapter' or 'base' section: {bundle_dir}")
+        raise BundleError(f"adapter manifest has a malformed 'adapter', 'base' or 'emulator' section: {bundle_dir}")
     weights = LORA_WEIGHTS if spec["type"] == "lora" else FULL_WEIGHTS
     if weights not in manifest["files"]:
         raise BundleError(f"adapter bundle lacks {weights}: {bundle_dir}")
+    header = safetensors_header(bundle_dir / weights)
+    found = sorted({FLOAT_DTYPES.get(dtype, dtype) for dtype, _ in header.values()})
+    if found != sorted(set(spec["dtypes"])):
+        raise BundleError(f"{weights} holds tensors of dtype {found}, the manifest declares {spec['dtypes']}: {bundle_dir}")
     try:
         tensors = load_file(bundle_dir / weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BundleError(f"{weights} is not a readable safetensors file ({e}): {bundle_dir}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{weights} is not a readable safetensors file ({str(e)[:200]}): {bundle_dir}") from None
     lora = _read_lora(bundle_dir, manifest) if spec["type"] == "lora" else None
     return AdapterBundle(manifest, tensors, lora)
 
@@ -188,10 +204,7 @@ def load_adapter(bundle_dir: str | Path) -> AdapterBundle:
 def _read_lora(bundle_dir: Path, manifest: dict) -> LoraSettings:
     if LORA_CONFIG not in manifest["files"]:
         raise BundleError(f"LoRA adapter bundle lacks {LORA_CONFIG}: {bundle_dir}")
-    try:
-        raw = json.loads((bundle_dir / LORA_CONFIG).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BundleError(f"{LORA_CONFIG} is not valid JSON: {bundle_dir}") from None
+    raw = read_json_member(bundle_dir / LORA_CONFIG, LORA_CONFIG, max_bytes=1024 * 1024)
     if not isinstance(raw, dict):
         raise BundleError(f"{LORA_CONFIG} is not a JSON object: {bundle_dir}")
     for field in ("modules_to_save", "trainable_token_indices", "layers_to_transform"):
@@ -202,14 +215,17 @@ def _read_lora(bundle_dir: Path, manifest: dict) -> LoraSettings:
     ok = (
         type(r) is int
         and 0 < r <= MAX_LORA_RANK
-        and isinstance(alpha, (int, float))
+        and type(alpha) in (int, float)
         and math.isfinite(alpha)
+        and 0 < alpha <= MAX_LORA_ALPHA
         and isinstance(targets, list)
         and targets
         and all(isinstance(t, str) for t in targets)
+        and len(set(targets)) == len(targets)
         and settings.get("bias", "none") == "none"
         and isinstance(settings.get("fan_in_fan_out", False), bool)
-        and isinstance(settings.get("lora_dropout", 0.0), (int, float))
+        and type(settings.get("lora_dropout", 0.0)) in (int, float)
+        and 0 <= settings.get("lora_dropout", 0.0) < 1
     )
     if not ok:
         raise BundleError(f"{LORA_CONFIG} has invalid LoRA settings (r, lora_alpha, target_modules, bias): {bundle_dir}")

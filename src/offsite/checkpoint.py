@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from .errors import ConfigError
 
 STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+STATE = "state.json"
+FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", STATE)
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -50,10 +53,17 @@ def save_checkpoint(
     position: dict,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step-N` atomically and prune all but the newest `keep`."""
+    """Write checkpoint `step-N` atomically and prune all but the newest `keep`.
+
+    Files go to a temp dir, are fsynced, and the dir is renamed into place, so a process killed
+    at any moment leaves only complete `step-N` checkpoints (plus a `.tmp-*` dir that
+    `list_checkpoints` ignores and the next save removes). Only the main process saves.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     target = directory / f"{STEP_PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=directory))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
@@ -63,29 +73,52 @@ def save_checkpoint(
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, tmp / "rng.safetensors")
         meta = {"step": step, "position": position, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
-        (tmp / "state.json").write_text(json.dumps(meta))
+        (tmp / STATE).write_text(json.dumps(meta))
+        for name in FILES:
+            _fsync(tmp / name)
+        _fsync(tmp)
         if target.exists():
-            shutil.rmtree(target)
+            _remove(target)
         os.replace(tmp, target)
+        _fsync(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return target
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint without ever leaving a half-deleted `step-N`: rename it away first."""
+    doomed = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
+    os.replace(path, doomed / path.name)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temp dirs of an interrupted write are ignored)."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").is_file()]
+    found = [
+        p
+        for p in directory.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and all((p / name).is_file() for name in FILES)
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
 def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict:
     """Restore tensors, optimizer, scheduler and RNG in place; return the saved loop position."""
-    meta = json.loads((path / "state.json").read_text())
+    meta = json.loads((path / STATE).read_text())
     saved = load_file(path / "trainable.safetensors")
     if set(saved) != set(trainable):
         raise ConfigError(f"checkpoint {path} does not match this run's trainable parameters; was the config changed?")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError, OffsiteError
+from .errors import BundleError, ConfigError, OffsiteError
 
 
 # ---------------------------------------------------------------- dataclass <-> argparse / YAML
@@ -109,10 +109,10 @@ def cmd_compress(opts: dict) -> None:
     model_path, name = resolve_model(take(opts, "model"))
     out = take(opts, "out")
     dtype = parse_dtype(take(opts, "dtype", "float32"))
-    overwrite = take(opts, "overwrite", False)
+    overwrite, sign_key = take(opts, "overwrite", False), take(opts, "sign_key", None)
     config = make_config(method, **split_for(get_method(method).config_class, opts))
     _reject_leftovers(opts)
-    path = compress_checkpoint(model_path, out, method, config, dtype=dtype, base_name=name, overwrite=overwrite)
+    path = compress_checkpoint(model_path, out, method, config, dtype=dtype, base_name=name, overwrite=overwrite, sign_key=sign_key)
     print(f"emulator bundle written to {path}")
     print_summary(path)
 
@@ -125,6 +125,7 @@ def cmd_finetune(opts: dict) -> None:
     data, task = take(opts, "data", None), take(opts, "task", None)
     limit = take(opts, "limit", None)
     resume, overwrite = take(opts, "resume", False), take(opts, "overwrite", False)
+    sign_key, trusted_key = take(opts, "sign_key", None), take(opts, "trusted_key", None)
     config = build_dataclass(FinetuneConfig, split_for(FinetuneConfig, opts))
     _reject_leftovers(opts)
     if bool(data) == bool(task):
@@ -135,7 +136,7 @@ def cmd_finetune(opts: dict) -> None:
         from .tasks import load_train_examples
 
         examples = load_train_examples(task, limit=limit, seed=config.seed)
-    adapter = finetune(bundle, examples, out, config, resume=resume, overwrite=overwrite)
+    adapter = finetune(bundle, examples, out, config, resume=resume, overwrite=overwrite, sign_key=sign_key, trusted_key=trusted_key)
     print(f"adapter bundle written to {adapter}")
     print_summary(adapter)
 
@@ -148,11 +149,13 @@ def cmd_distill(opts: dict) -> None:
     model_path, _ = resolve_model(take(opts, "model"))
     bundle, out = take(opts, "bundle"), take(opts, "out")
     resume, overwrite = take(opts, "resume", False), take(opts, "overwrite", False)
+    sign_key = take(opts, "sign_key", None)
     config = build_dataclass(DistillConfig, split_for(DistillConfig, opts))
     _reject_leftovers(opts)
     # About 4 characters per token of English; the held-out text is disjoint from the training text.
     texts = load_generic_text(limit_chars=5 * config.tokens)
-    path = distill(model_path, bundle, out, texts, load_plain_text(config.eval_chars), config, resume=resume, overwrite=overwrite)
+    path = distill(model_path, bundle, out, texts, load_plain_text(config.eval_chars), config, resume=resume,
+                   overwrite=overwrite, sign_key=sign_key)
     print(f"distilled emulator bundle written to {path}")
     print_summary(path)
 
@@ -161,13 +164,59 @@ def cmd_plugin(opts: dict) -> None:
     from .models import resolve_model
     from .plugin import plugin_checkpoint
 
+    emulator = _issued_emulator_option(opts)
     model_path, _ = resolve_model(take(opts, "model"))
     adapter, out = take(opts, "adapter"), take(opts, "out")
     merge = not take(opts, "keep_lora", False)
-    overwrite = take(opts, "overwrite", False)
+    overwrite, sign_key = take(opts, "overwrite", False), take(opts, "sign_key", None)
+    trust = _trust_options(opts)
     _reject_leftovers(opts)
-    path = plugin_checkpoint(model_path, adapter, out, merge=merge, overwrite=overwrite)
+    path = plugin_checkpoint(model_path, adapter, out, merge=merge, overwrite=overwrite, emulator=emulator, sign_key=sign_key, **trust)
     print(f"plugged model written to {path}")
+
+
+def _issued_emulator_option(opts: dict) -> str:
+    emulator = take(opts, "emulator", None)
+    if not emulator:
+        raise ConfigError(
+            "missing required option --emulator: the emulator bundle you issued for this adapter "
+            "(its manifest says which blocks the adapter may change)"
+        )
+    return emulator
+
+
+def _trust_options(opts: dict) -> dict:
+    """--trusted-key and --max-norm-ratio (0 = no bound) as keyword arguments of plug_in."""
+    out = {"trusted_key": take(opts, "trusted_key", None)}
+    if "max_norm_ratio" in opts:
+        ratio = opts.pop("max_norm_ratio")
+        out["max_norm_ratio"] = None if ratio <= 0 else ratio
+    return out
+
+
+def cmd_keygen(opts: dict) -> None:
+    from .signing import generate_keypair, key_id, load_public_key
+
+    out = take(opts, "out")
+    _reject_leftovers(opts)
+    private, public = generate_keypair(out)
+    print(f"private key {private}  (keep it; mode 600; sign with --sign-key {private})")
+    print(f"public key  {public}  (give it to the other party; verify with --key/--trusted-key {public})")
+    print(f"key id      {key_id(load_public_key(public))}")
+
+
+def cmd_verify(opts: dict) -> None:
+    from .bundle import read_manifest
+    from .signing import key_id, trusted_keys
+
+    bundle, key = take(opts, "bundle"), take(opts, "key", None)
+    _reject_leftovers(opts)
+    keys = trusted_keys(key)
+    if not keys:
+        raise ConfigError("give --key PUBLIC_KEY_FILE (or set OFFSITE_TRUSTED_KEY) to verify a bundle's signature")
+    manifest = read_manifest(bundle, trusted_key=keys)
+    print(f"OK: {bundle}: {manifest['kind']} bundle, signature by trusted key {' or '.join(key_id(k) for k in keys)}, "
+          f"{len(manifest['files'])} files SHA-256 verified")
 
 
 def cmd_inspect(opts: dict) -> None:
@@ -192,8 +241,10 @@ def cmd_evaluate(opts: dict) -> None:
     limit, batch_size = take(opts, "limit", None), take(opts, "batch_size", 32)
     with_ppl, out = take(opts, "perplexity", False), take(opts, "out", None)
     device = resolve_device(take(opts, "device", "auto"))
+    emulator = _issued_emulator_option(opts) if adapter and model_arg else take(opts, "emulator", None)
+    trust = _trust_options(opts)
     _reject_leftovers(opts)
-    model, tokenizer, what = _model_for_evaluation(model_arg, bundle, adapter)
+    model, tokenizer, what = _model_for_evaluation(model_arg, bundle, adapter, emulator, trust)
     model.to(device)
     results = {"model": what, "tasks": {}}
     for task in tasks:
@@ -210,7 +261,7 @@ def cmd_evaluate(opts: dict) -> None:
         print(f"results written to {out}")
 
 
-def _model_for_evaluation(model_arg, bundle, adapter):
+def _model_for_evaluation(model_arg, bundle, adapter, emulator=None, trust=None):
     from .emulator import load_checkpoint, load_emulator
     from .models import resolve_model
     from .plugin import plug_in, plug_into_emulator
@@ -218,13 +269,14 @@ def _model_for_evaluation(model_arg, bundle, adapter):
     if bool(model_arg) == bool(bundle):
         raise ConfigError("give exactly one of --model (full model) or --bundle (emulator bundle)")
     if bundle:
-        emulator = load_emulator(bundle)
-        model = plug_into_emulator(emulator, adapter) if adapter else emulator.model
-        return model, emulator.tokenizer, f"emulator {bundle}" + (f" + adapter {adapter}" if adapter else "")
+        trust = trust or {}
+        loaded = load_emulator(bundle, trusted_key=trust.get("trusted_key"))
+        model = plug_into_emulator(loaded, adapter, **trust) if adapter else loaded.model
+        return model, loaded.tokenizer, f"emulator {bundle}" + (f" + adapter {adapter}" if adapter else "")
     path, name = resolve_model(model_arg)
     model, tokenizer = load_checkpoint(path)
     if adapter:
-        model = plug_in(model, adapter)
+        model = plug_in(model, adapter, emulator=emulator, **(trust or {}))
     return model, tokenizer, name + (f" + adapter {adapter}" if adapter else "")
 
 
@@ -256,9 +308,19 @@ def _reject_leftovers(opts: dict) -> None:
 
 def print_summary(bundle_dir) -> None:
     """Human-readable account of what a bundle holds (verifies it first)."""
-    from .bundle import bundle_fingerprint, read_manifest
+    from .bundle import read_manifest
 
     m = read_manifest(bundle_dir)
+    try:
+        text = _summary(bundle_dir, m)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise BundleError(f"manifest of {bundle_dir} is malformed ({type(e).__name__}: {str(e)[:100]})") from None
+    print(text)
+
+
+def _summary(bundle_dir, m: dict) -> str:
+    from .bundle import SIGNATURE, bundle_fingerprint
+
     base = m.get("base", {})
     lines = [
         f"bundle      {bundle_dir}",
@@ -291,9 +353,11 @@ def print_summary(bundle_dir) -> None:
         ]
     elif m["kind"] == "plugged":
         lines.append(f"adapter     {m['adapter']['type']} {m['adapter']['fingerprint'][:16]}, merged: {m['adapter']['merged']}")
+    signed = (Path(bundle_dir) / SIGNATURE).is_file()
+    lines.append(f"signature   {SIGNATURE} present (check it: offsite verify BUNDLE --key PUB)" if signed else "signature   none")
     lines.append("files       (all SHA-256 verified)")
     lines += [f"  {name:<34} {meta['size']:>14,} B  {meta['sha256'][:16]}" for name, meta in m["files"].items()]
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- parser
@@ -317,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHODS), help="emulator method (default: layerdrop)")
     p.add_argument("--dtype", default=argparse.SUPPRESS, help="dtype to load the base model in (default: float32)")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
+    p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
     seen: set[str] = set()
     for method in METHODS.values():
         add_dataclass_flags(p, method.config_class, seen)
@@ -327,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="new emulator bundle directory")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
+    p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
     add_dataclass_flags(p, DistillConfig)
 
     p = command("finetune", cmd_finetune, "Data owner: train the adapter on the emulator, export an adapter bundle.")
@@ -337,19 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (adapter/ and checkpoints/ go inside)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing adapter")
+    p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the adapter bundle")
+    p.add_argument("--trusted-key", default=argparse.SUPPRESS,
+                   help="the model owner's public key: the emulator bundle must be signed with it (default: $OFFSITE_TRUSTED_KEY)")
     add_dataclass_flags(p, FinetuneConfig)
 
     p = command("plugin", cmd_plugin, "Owner: plug an adapter bundle into the full model.")
     p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
     p.add_argument("--adapter", default=argparse.SUPPRESS, help="adapter bundle directory")
+    p.add_argument("--emulator", default=argparse.SUPPRESS,
+                   help="(required) the emulator bundle you issued; only its manifest is read")
     p.add_argument("--out", default=argparse.SUPPRESS, help="directory for the adapted model")
     p.add_argument("--keep-lora", action="store_true", default=argparse.SUPPRESS, help="write a PEFT adapter instead of merging")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing output")
+    p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key: sign the plugged-model bundle")
+    add_trust_flags(p)
 
     p = command("evaluate", cmd_evaluate, "Zero-shot accuracy (and perplexity) of a model, emulator or adapted model.")
     p.add_argument("--model", default=argparse.SUPPRESS, help="full model: checkpoint directory or asset name")
     p.add_argument("--bundle", default=argparse.SUPPRESS, help="or an emulator bundle")
     p.add_argument("--adapter", default=argparse.SUPPRESS, help="adapter bundle to apply first")
+    p.add_argument("--emulator", default=argparse.SUPPRESS, help="with --model and --adapter: the emulator bundle you issued")
+    add_trust_flags(p)
     p.add_argument("--tasks", default=argparse.SUPPRESS, help="comma-separated (default: arc_easy)")
     p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="first N docs of each evaluation split")
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="(default: 32)")
@@ -372,7 +447,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", cmd_inspect, "Verify a bundle and print what it contains.")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the raw manifest")
+
+    p = command("keygen", cmd_keygen, "Create an Ed25519 key pair for signing bundles (offsite.key, offsite.pub).")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="directory for the two key files (never overwritten)")
+
+    p = command("verify", cmd_verify, "Check a bundle's signature and every file's SHA-256; prints OK or one error line.")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--key", default=argparse.SUPPRESS, help="the signer's public key (default: $OFFSITE_TRUSTED_KEY)")
     return parser
+
+
+def add_trust_flags(p: argparse.ArgumentParser) -> None:
+    from .plugin import MAX_NORM_RATIO
+
+    p.add_argument("--trusted-key", default=argparse.SUPPRESS,
+                   help="the data owner's public key: the adapter bundle must be signed with it (default: $OFFSITE_TRUSTED_KEY)")
+    p.add_argument("--max-norm-ratio", type=float, default=argparse.SUPPRESS,
+                   help=f"norm bound on adapter tensors relative to the weights they change; 0 disables (default: {MAX_NORM_RATIO:g})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,8 +134,10 @@ def distill(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    sign_key=None,
 ) -> Path:
-    """Owner recipe: distil an emulator bundle into a new one at `out_dir` (checkpoints beside it)."""
+    """Owner recipe: distil an emulator bundle into a new one at `out_dir` (checkpoints beside it),
+    signed with `sign_key` when given."""
     from .evaluation import perplexity
 
     config = config or DistillConfig()
@@ -205,5 +207,7 @@ def distill(
         adapter_blocks=emulator.manifest["blocks"]["adapter"],
         method=emulator.manifest["method"]["name"],
         params=emulator.manifest["method"]["params"] | {"distillation": record},
+        structure=emulator.manifest.get("structure", {}),
     )
-    return save_emulator(distilled, tokenizer, out_dir, fingerprint, emulator.manifest["base"].get("name", ""), overwrite=overwrite)
+    return save_emulator(distilled, tokenizer, out_dir, fingerprint, emulator.manifest["base"].get("name", ""),
+                         overwrite=overwrite, sign_key=sign_key)

@@ -7,11 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .bundle import bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, write_bundle
+from .bundle import (
+    bundle_fingerprint,
+    model_fingerprint,
+    parse_dtype,
+    read_json_member,
+    read_manifest,
+    safetensors_header,
+    write_bundle,
+)
 from .errors import BundleError
 from .methods import Emulator, build_emulator
+from .signing import load_private_key
+from .structure import structured_class
 from .surgery import BlockLayout, discover_layout
 
 
@@ -22,8 +32,10 @@ def save_emulator(
     base_fingerprint: str,
     base_name: str = "",
     overwrite: bool = False,
+    sign_key=None,
 ) -> Path:
-    """Write the emulator as an HF checkpoint + tokenizer + manifest (no weights of dropped blocks)."""
+    """Write the emulator as an HF checkpoint + tokenizer + manifest (no weights of dropped blocks),
+    signed with `sign_key` (a private key file or key) when given."""
     layout = emulator.layout
     manifest = {
         "base": {
@@ -41,12 +53,14 @@ def save_emulator(
             "trainable": emulator.trainable,
         },
     }
+    if emulator.structure:  # declared shape changes of middle modules (offsite.structure)
+        manifest["structure"] = emulator.structure
 
     def write(tmp: Path) -> None:
         emulator.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return write_bundle(out_dir, "emulator", manifest, write, overwrite=overwrite)
+    return write_bundle(out_dir, "emulator", manifest, write, overwrite=overwrite, sign_key=sign_key)
 
 
 @dataclass
@@ -69,7 +83,8 @@ class LoadedEmulator:
         return bundle_fingerprint(self.manifest)
 
 
-def _check_blocks(manifest: dict, bundle_dir: Path) -> None:
+def check_blocks(manifest: dict, bundle_dir: Path | str) -> None:
+    """The emulator manifest's 'base' and 'blocks' sections are well-formed and consistent."""
     blocks, base = manifest.get("blocks"), manifest.get("base")
     ok = (
         isinstance(blocks, dict)
@@ -87,25 +102,83 @@ def _check_blocks(manifest: dict, bundle_dir: Path) -> None:
         raise BundleError(f"emulator manifest: trainable blocks do not map to the adapter blocks: {bundle_dir}")
 
 
-def load_emulator(bundle_dir: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> LoadedEmulator:
-    """Verify and load an emulator bundle. Never touches the base model."""
+# Config keys that make transformers fetch or run code from elsewhere (remote modelling code,
+# hub kernels, quantisation back-ends): an emulator bundle is plain weights, so they are refused.
+FORBIDDEN_CONFIG_KEYS = frozenset(
+    {"auto_map", "quantization_config", "attn_implementation", "_attn_implementation",
+     "_attn_implementation_internal", "custom_pipelines", "trust_remote_code"}
+)
+
+
+def _forbidden_keys(value, found: set[str]) -> set[str]:
+    if isinstance(value, dict):
+        found |= FORBIDDEN_CONFIG_KEYS & set(value)
+        for item in value.values():
+            _forbidden_keys(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _forbidden_keys(item, found)
+    return found
+
+
+def _check_checkpoint_files(bundle_dir: Path, files: dict) -> None:
+    """What transformers will read must be plain data that stays inside the bundle."""
+    if "config.json" not in files:
+        raise BundleError(f"emulator bundle lacks config.json: {bundle_dir}")
+    for name in files:
+        if name.endswith(".json") and "/" not in name:
+            data = read_json_member(bundle_dir / name, name)
+            bad = _forbidden_keys(data, set())
+            if bad:
+                raise BundleError(f"emulator bundle file {name} sets {sorted(bad)}, which a plain checkpoint never needs: {bundle_dir}")
+            if name.endswith(".index.json"):
+                weight_map = data.get("weight_map") if isinstance(data, dict) else None
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v in files for v in weight_map.values()):
+                    raise BundleError(f"{name} refers to files that are not in the bundle: {bundle_dir}")
+        elif name.endswith(".safetensors"):
+            safetensors_header(bundle_dir / name)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def load_emulator(
+    bundle_dir: str | Path, dtype: torch.dtype | None = None, device: str | None = None, trusted_key=None
+) -> LoadedEmulator:
+    """Verify and load an emulator bundle (signature too, when a trusted key is configured).
+
+    Never touches the base model, never runs code from the bundle, never reads outside it.
+    """
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir, kind="emulator")
-    _check_blocks(manifest, bundle_dir)
+    manifest = read_manifest(bundle_dir, kind="emulator", trusted_key=trusted_key)
+    check_blocks(manifest, bundle_dir)
+    _check_checkpoint_files(bundle_dir, manifest["files"])
+    dtype = dtype or parse_dtype(manifest["base"].get("dtype", "float32"))
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
+        if getattr(config, "num_hidden_layers", None) != len(manifest["blocks"]["map"]):
+            raise BundleError(f"emulator config.json does not have the {len(manifest['blocks']['map'])} blocks its manifest maps: {bundle_dir}")
+        # A restructured middle (e.g. GradOT) is rebuilt from its declaration before the weights load.
+        model_class = structured_class(config, manifest) if "structure" in manifest else AutoModelForCausalLM
+        model, info = model_class.from_pretrained(
             bundle_dir,
-            dtype=dtype or parse_dtype(manifest["base"].get("dtype", "float32")),
+            config=config,
+            dtype=dtype,
             local_files_only=True,
             use_safetensors=True,
             trust_remote_code=False,
             output_loading_info=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise BundleError(f"emulator bundle cannot be loaded as a checkpoint ({str(e).splitlines()[0]}): {bundle_dir}") from None
-    if info.get("missing_keys") or info.get("mismatched_keys"):
-        raise BundleError(f"emulator checkpoint is missing weights {sorted(info['missing_keys'])[:3]}: {bundle_dir}")
+    except BundleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever transformers makes of hostile input becomes one line
+        raise BundleError(f"emulator bundle cannot be loaded as a checkpoint ({_first_line(e)}): {bundle_dir}") from None
+    if info.get("missing_keys") or info.get("mismatched_keys") or info.get("unexpected_keys"):
+        problems = sorted(info.get("missing_keys") or []) + sorted(info.get("unexpected_keys") or [])
+        raise BundleError(f"emulator checkpoint does not match its config {problems[:3]}: {bundle_dir}")
 
     layout = discover_layout(model)
     if layout.num_blocks != len(manifest["blocks"]["map"]):
@@ -124,14 +197,18 @@ def compress_checkpoint(
     dtype: torch.dtype = torch.float32,
     base_name: str = "",
     overwrite: bool = False,
+    sign_key=None,
 ) -> Path:
-    """Owner recipe: load the base checkpoint, build the emulator, write the emulator bundle."""
+    """Owner recipe: load the base checkpoint, build the emulator, write the (signed) emulator bundle."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BundleError(f"output already exists, not overwriting: {out_dir}")
+    sign_key = load_private_key(sign_key) if sign_key is not None else None  # fail before the heavy work
     model, tokenizer = load_checkpoint(model_path, dtype)
-    emulator = build_emulator(model, method, config)
-    return save_emulator(emulator, tokenizer, out_dir, model_fingerprint(model), base_name or str(model_path), overwrite=overwrite)
+    emulator = build_emulator(model, method, config, tokenizer=tokenizer)
+    return save_emulator(
+        emulator, tokenizer, out_dir, model_fingerprint(model), base_name or str(model_path), overwrite=overwrite, sign_key=sign_key
+    )
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -23,3 +23,7 @@ class PluginError(OffsiteError):
 
 class AssetError(OffsiteError):
     """A real model or dataset that ships as a package is not installed or is damaged."""
+
+
+class SigningError(OffsiteError):
+    """A signing or verification key is missing, unreadable or of the wrong kind."""

@@ -191,7 +191,7 @@ def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
             log(f"[{task}] data owner fine-tunes the adapter on the emulator")
             finetune(emulator_dir, train_examples, run_dir, config.finetune, resume=True, progress=progress)
         measure("emulator_ft", lambda: plug_into_emulator(load_emulator(emulator_dir), adapter_dir))
-        measure("plugin", lambda: plug_in(load_checkpoint(model_path)[0], adapter_dir, fingerprint=fingerprint))
+        measure("plugin", lambda: plug_in(load_checkpoint(model_path)[0], adapter_dir, fingerprint=fingerprint, emulator=emulator_dir))
         if config.full_finetune:
             measure("full_ft", lambda: full_finetune(model_path, tokenizer, train_examples, config.finetune, progress))
 

@@ -27,6 +27,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, Example, epoch_order, pad_batch, tokenize_example
 from .emulator import LoadedEmulator, load_emulator
 from .errors import ConfigError
+from .signing import load_private_key
 from .surgery import get_blocks, linear_module_names
 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
@@ -53,7 +54,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # bf16 autocast on GPUs that support it
     seed: int = 0
-    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (needed for --resume); 0 = none
     log_every: int = 10
 
     def __post_init__(self):
@@ -145,11 +146,15 @@ def finetune(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    sign_key=None,
+    trusted_key=None,
 ) -> Path:
     """Data-owner recipe: train the adapter of an emulator bundle on `examples`.
 
     Writes the adapter bundle to `output_dir/adapter` (checkpoints go to `output_dir/checkpoints`)
-    and returns its path.
+    and returns its path. `trusted_key`: the owner's public key the emulator bundle must be
+    signed with (default: $OFFSITE_TRUSTED_KEY); `sign_key`: the data owner's private key to
+    sign the adapter bundle with.
     """
     config = config or FinetuneConfig()
     output_dir = Path(output_dir)
@@ -159,14 +164,16 @@ def finetune(
     if list_checkpoints(ckpt_dir) and not resume and not overwrite:
         raise ConfigError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite")
 
+    sign_key = load_private_key(sign_key) if sign_key is not None else None  # fail before training
+
     set_seed(config.seed)
-    emulator = load_emulator(bundle_dir, dtype=torch.float32)
+    emulator = load_emulator(bundle_dir, dtype=torch.float32, trusted_key=trusted_key)
     model, lora = make_trainable(emulator, config)
     features = tokenize_examples(emulator.tokenizer, examples, config.max_length)
     run = train(model, features, pad_token_id(emulator.tokenizer), config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
     if run.accelerator.is_main_process:
         training = {**dataclasses.asdict(config), "learning_rate": config.learning_rate, "precision": run.accelerator.mixed_precision}
-        save_adapter(run.model, emulator, adapter_dir, training, run.metrics, lora, overwrite=overwrite)
+        save_adapter(run.model, emulator, adapter_dir, training, run.metrics, lora, overwrite=overwrite, sign_key=sign_key)
     run.accelerator.wait_for_everyone()
     return adapter_dir
 

@@ -48,6 +48,9 @@ class Emulator:
     adapter_blocks: list[int]  # original indices of the trainable blocks
     method: str
     params: dict = field(default_factory=dict)
+    # Declared shape changes of middle-block modules, {module path: change} (see offsite.structure);
+    # empty when the emulator has the original architecture.
+    structure: dict = field(default_factory=dict)
 
     @property
     def trainable(self) -> list[int]:
@@ -59,17 +62,18 @@ class Emulator:
 class Method:
     name: str
     config_class: type[EmulatorConfig]
-    build: Callable[[PreTrainedModel, BlockLayout, EmulatorConfig], Emulator]
+    build: Callable[..., Emulator]  # (model, layout, config) -> Emulator; + tokenizer= if needs_tokenizer
+    needs_tokenizer: bool = False  # data-dependent methods tokenise a support set
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_class: type[EmulatorConfig]):
+def register(name: str, config_class: type[EmulatorConfig], needs_tokenizer: bool = False):
     """Decorator that adds a build function to the registry under `name`."""
 
     def wrap(build):
-        METHODS[name] = Method(name, config_class, build)
+        METHODS[name] = Method(name, config_class, build, needs_tokenizer)
         return build
 
     return wrap
@@ -91,13 +95,35 @@ def make_config(method: str, **params) -> EmulatorConfig:
     return config_class(**params)
 
 
-def build_emulator(model: PreTrainedModel, method: str = "layerdrop", config: EmulatorConfig | None = None) -> Emulator:
-    """Compress `model` into an emulator with the named method."""
+def build_emulator(
+    model: PreTrainedModel, method: str = "layerdrop", config: EmulatorConfig | None = None, tokenizer=None
+) -> Emulator:
+    """Compress `model` into an emulator with the named method.
+
+    Methods that look at data (GradOT's support set) also get the model's `tokenizer` (when
+    needed and not given, they load it with `model_tokenizer`).
+    """
     spec = get_method(method)
     config = config or spec.config_class()
     if not isinstance(config, spec.config_class):
         raise ConfigError(f"method {method!r} needs a {spec.config_class.__name__}, got {type(config).__name__}")
+    if spec.needs_tokenizer:
+        return spec.build(model, discover_layout(model), config, tokenizer=tokenizer)
     return spec.build(model, discover_layout(model), config)
 
 
+def model_tokenizer(model: PreTrainedModel, method: str):
+    """The tokenizer saved beside the model's checkpoint (`model.name_or_path`), or a clear error."""
+    from transformers import AutoTokenizer
+
+    message = f"method {method!r} needs the model's tokenizer: pass build_emulator(..., tokenizer=...)"
+    if not model.name_or_path:
+        raise ConfigError(message)
+    try:
+        return AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(message) from None
+
+
 from . import layerdrop  # noqa: E402,F401  (registers the built-in methods)
+from . import gradot  # noqa: E402,F401
