@@ -70,12 +70,16 @@ def test_corruption_is_named(tmp_path, corrupt, match):
         read_manifest(bundle)
 
 
+def edit_manifest(bundle, change) -> None:
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    change(manifest)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "a/../../x"])
 def test_manifest_paths_cannot_escape(tmp_path, path):
     bundle = make(tmp_path)
-    manifest = json.loads((bundle / MANIFEST).read_text())
-    manifest["files"][path] = {"sha256": "0" * 64, "size": 1}
-    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    edit_manifest(bundle, lambda m: m["files"].__setitem__(path, {"sha256": "0" * 64, "size": 1}))
     with pytest.raises(BundleError, match="unsafe path"):
         read_manifest(bundle)
 
@@ -95,9 +99,7 @@ def test_wrong_kind_and_version(tmp_path):
     bundle = make(tmp_path)
     with pytest.raises(BundleError, match="expected an adapter bundle"):
         read_manifest(bundle, kind="adapter")
-    manifest = json.loads((bundle / MANIFEST).read_text())
-    manifest["format_version"] = 99
-    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    edit_manifest(bundle, lambda m: m.__setitem__("format_version", 99))
     with pytest.raises(BundleError, match="format version 99"):
         read_manifest(bundle)
 
