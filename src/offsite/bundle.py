@@ -128,6 +128,12 @@ def read_json_member(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> 
 
 
 @torch.no_grad()
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor, for any dtype (bfloat16 included)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over every tensor of the state dict (name, dtype, shape, bytes), in key order.
 
@@ -137,8 +143,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(flat.view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(tensor))
     return h.hexdigest()
 
 

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .bundle import tensor_bytes
 from .data import Example
 from .emulator import LoadedEmulator
 from .surgery import discover_layout, get_blocks
@@ -22,8 +23,7 @@ from .training import FinetuneConfig, pad_token_id, tokenize_examples, train
 
 
 def _digest(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).digest()
+    return hashlib.sha256(tensor_bytes(tensor)).digest()
 
 
 @torch.no_grad()
