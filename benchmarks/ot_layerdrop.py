@@ -12,14 +12,14 @@ resumes where it stopped. The combined table goes to runs/ot_layerdrop/table.md 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
-from offsite.report import SETTINGS, ReportConfig, run_report, summary_rows
+from offsite.report import ReportConfig, run_report
 from offsite.training import FinetuneConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+from record import ROOT, five_number_table, update_readme
+
 TASKS = "piqa,arc_easy,arc_challenge,openbookqa,hellaswag,sciq"
 
 
@@ -65,38 +65,17 @@ def main() -> None:
     out.write_text(table + "\n")
     print("\n" + table + f"\n\nwritten to {out}")
     if args.update_readme:
-        update_readme(table)
+        update_readme("ot-layerdrop", table)
 
 
 def combined_table(sections, args) -> str:
-    tasks = args.tasks.split(",")
-    present = [s for s in SETTINGS if any(s in r for _, d, _ in sections for r in summary_rows(d))]
-    lines = [
+    header = (
         f"Model {args.model}; adapter 2+2 {'LoRA' if args.lora else 'full blocks'}; lr {args.lr}, batch {args.batch_size}, "
         f"{args.epochs} epoch over at most {args.train_limit} train examples per task; first {args.eval_limit} docs of each "
-        "standard zero-shot split. Accuracy %, raw / per-character normalised.",
-        "",
-        "| emulator | task | " + " | ".join(s.replace("_", " ") for s in present) + " | plug-in − emu FT |",
-        "|---" * (len(present) + 3) + "|",
-    ]
-    for k, data, _ in sections:
-        for row in summary_rows(data):
-            if row["task"] not in tasks + ["mean"]:
-                continue
-            cells = [f"{row[s][0]:.1f} / {row[s][1]:.1f}" if s in row else "–" for s in present]
-            gap = f"{row['gap'][0]:+.1f} / {row['gap'][1]:+.1f}" if "gap" in row else "–"
-            lines.append(f"| 2-{k}-2 | {row['task']} | " + " | ".join(cells) + f" | {gap} |")
-    return "\n".join(lines)
-
-
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- ot-layerdrop:start -->\n).*?(\n<!-- ot-layerdrop:end -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("README.md has no <!-- ot-layerdrop:start/end --> markers")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
-    print(f"updated {readme}")
+        "standard zero-shot split. Accuracy %, raw / per-character normalised."
+    )
+    named = [(f"2-{k}-2", data) for k, data, _ in sections]
+    return header + "\n\n" + five_number_table(named, args.tasks.split(","))
 
 
 if __name__ == "__main__":
