@@ -353,6 +353,18 @@ def _summary(bundle_dir, m: dict) -> str:
         ]
     elif m["kind"] == "plugged":
         lines.append(f"adapter     {m['adapter']['type']} {m['adapter']['fingerprint'][:16]}, merged: {m['adapter']['merged']}")
+    elif m["kind"] == "pema-head":
+        h = m["head"]
+        lines.append(f"head        final norm {h['norm']['type']} + LM head {h['vocab_size']:,} x {h['hidden_size']}"
+                     f"{' (tied: the input embeddings too)' if h.get('tied_embeddings') else ''}, {h['dtype']}")
+    elif m["kind"] == "pema-adapter":
+        a, mem = m["pema"], m["memory"]
+        lines += [
+            f"pema        rank {a['rank']} on representations of size {a['hidden_size']}; head bundle {m['head']['fingerprint'][:16]}",
+            f"memory      {mem['rows']:,} rows from {mem['examples']:,} examples ({mem['contexts']} contexts), "
+            f"mean target {mem['mean_target_length']:.2f} tokens",
+            f"metrics     {json.dumps({k: v for k, v in m.get('metrics', {}).items() if not isinstance(v, dict)})}",
+        ]
     signed = (Path(bundle_dir) / SIGNATURE).is_file()
     lines.append(f"signature   {SIGNATURE} present (check it: offsite verify BUNDLE --key PUB)" if signed else "signature   none")
     lines.append("files       (all SHA-256 verified)")
@@ -443,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, "The two-party round trip on the default real model, with the five-number table.")
     p.add_argument("--out", default=argparse.SUPPRESS, help="(default: runs/demo)")
     p.add_argument("--tasks", default=argparse.SUPPRESS, help="(default: arc_easy)")
+
+    from .pema.cli import add_commands as add_pema_commands
+
+    add_pema_commands(command)
 
     p = command("inspect", cmd_inspect, "Verify a bundle and print what it contains.")
     p.add_argument("bundle", help="bundle directory")

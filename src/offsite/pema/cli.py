@@ -1,0 +1,162 @@
+"""The `offsite pema-*` commands (registered by offsite.cli), one small function each.
+
+Until the owner's representation service is reached over the network, the commands that need
+representation queries (`pema-memory`, `pema-generate`) run the owner's `RepresentationServer`
+in-process on `--model`; the data owner's side only ever uses the head bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..cli import _reject_leftovers, add_dataclass_flags, build_dataclass, split_for, take
+from ..errors import ConfigError
+from .generate import GenerateConfig
+from .memory import MemoryConfig
+from .train import PemaConfig
+
+
+def _server(opts: dict):
+    """The owner's representation server on --model (in-process), on --device."""
+    from ..emulator import load_checkpoint
+    from ..models import resolve_model
+    from ..report import resolve_device
+    from .owner import RepresentationServer
+
+    path, _ = resolve_model(take(opts, "model"))
+    device = resolve_device(take(opts, "device", "auto"))
+    model, _ = load_checkpoint(path)
+    return RepresentationServer(model.to(device))
+
+
+def _examples(opts: dict, split: str):
+    from ..data import load_examples
+    from .task import load_generation_examples
+
+    data, task, limit = take(opts, "data", None), take(opts, "task", None), take(opts, "limit", None)
+    if bool(data) == bool(task):
+        raise ConfigError("give exactly one of --data FILE.jsonl or --task sciq")
+    return load_examples(data)[:limit] if data else load_generation_examples(task, split, limit=limit)
+
+
+def cmd_pema_head(opts: dict) -> None:
+    from ..cli import print_summary
+    from ..models import resolve_model
+    from .head import export_head_checkpoint
+
+    model_path, name = resolve_model(take(opts, "model"))
+    out, overwrite, sign_key = take(opts, "out"), take(opts, "overwrite", False), take(opts, "sign_key", None)
+    _reject_leftovers(opts)
+    path = export_head_checkpoint(model_path, out, overwrite=overwrite, sign_key=sign_key, base_name=name)
+    print(f"head bundle written to {path}")
+    print_summary(path)
+
+
+def cmd_pema_memory(opts: dict) -> None:
+    from .head import load_head
+    from .memory import build_memory
+
+    head = load_head(take(opts, "head"), trusted_key=take(opts, "trusted_key", None))
+    out = take(opts, "out")
+    config = build_dataclass(MemoryConfig, split_for(MemoryConfig, opts))
+    examples = _examples(opts, "train")
+    server = _server(opts)
+    _reject_leftovers(opts)
+    head.check_owner(server.info())
+    path = build_memory(server, head.tokenizer, examples, out, config)
+    meta = json.loads((Path(path) / "memory.json").read_text())
+    print(f"external memory written to {path}: {meta['rows']:,} rows of size {meta['hidden_size']} "
+          f"from {meta['examples']:,} examples ({config.contexts} contexts)")
+
+
+def cmd_pema_train(opts: dict) -> None:
+    from ..cli import print_summary
+    from .train import train_pema_bundle
+
+    memory, head, out = take(opts, "memory"), take(opts, "head"), take(opts, "out")
+    overwrite, sign_key, trusted_key = take(opts, "overwrite", False), take(opts, "sign_key", None), take(opts, "trusted_key", None)
+    config = build_dataclass(PemaConfig, split_for(PemaConfig, opts))
+    _reject_leftovers(opts)
+    path = train_pema_bundle(memory, head, out, config, overwrite=overwrite, sign_key=sign_key, trusted_key=trusted_key)
+    print(f"PEMA adapter bundle written to {path}")
+    print_summary(path)
+
+
+def cmd_pema_generate(opts: dict) -> None:
+    from .generate import generate_texts
+    from .head import load_head
+    from .task import score_generations
+    from .train import load_pema_adapter
+
+    trusted_key = take(opts, "trusted_key", None)
+    head = load_head(take(opts, "head"), trusted_key=trusted_key)
+    adapter_dir, out = take(opts, "adapter", None), take(opts, "out", None)
+    adapter = load_pema_adapter(adapter_dir, head) if adapter_dir else None
+    config = build_dataclass(GenerateConfig, split_for(GenerateConfig, opts))
+    examples = _examples(opts, take(opts, "split", "eval"))
+    server = _server(opts)
+    _reject_leftovers(opts)
+    head.check_owner(server.info())
+    predictions = generate_texts(server, head, [e.context for e in examples], adapter, config)
+    scores = score_generations(predictions, [e.continuation for e in examples])
+    print(f"sacreBLEU {scores['bleu']:.2f}   exact match {scores['exact_match']:.1f}%   (n={scores['n']}, "
+          f"{'PEMA' if adapter else 'no adaptation'}{', Gradual Unrolling' if adapter and config.gradual_unrolling else ''})")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with Path(out).open("w", encoding="utf-8") as f:
+            for ex, pred in zip(examples, predictions):
+                f.write(json.dumps({"context": ex.context, "reference": ex.continuation.strip(), "prediction": pred}) + "\n")
+        print(f"predictions written to {out}")
+
+
+def add_commands(command) -> None:
+    """Add the PEMA commands through offsite.cli's `command(name, func, help)` helper."""
+    S = argparse.SUPPRESS
+
+    def owner_flags(p):
+        p.add_argument("--model", default=S, help="the owner's model, answering representation queries in-process")
+        p.add_argument("--device", default=S, help="auto, cpu, cuda (default: auto)")
+
+    def data_flags(p, split: bool):
+        p.add_argument("--task", default=S, help="a built-in generation task (sciq)")
+        p.add_argument("--data", default=S, help="or a JSONL of {context, continuation} records")
+        p.add_argument("--limit", type=int, default=S, help="use at most this many examples")
+        if split:
+            p.add_argument("--split", default=S, choices=["train", "eval"], help="with --task (default: eval)")
+
+    def trust_flag(p):
+        p.add_argument("--trusted-key", default=S, help="the model owner's public key: the head bundle must be signed with it")
+
+    p = command("pema-head", cmd_pema_head, "PEMA owner: export the head bundle (final norm + LM head + tokenizer).")
+    p.add_argument("--model", default=S, help="HF checkpoint directory or a bundled asset name (smollm2-135m)")
+    p.add_argument("--out", default=S, help="head bundle directory to create")
+    p.add_argument("--overwrite", action="store_true", default=S, help="replace an existing bundle")
+    p.add_argument("--sign-key", default=S, help="your private key (offsite keygen): sign the bundle")
+
+    p = command("pema-memory", cmd_pema_memory, "PEMA data owner: build the external memory from representation queries (resumable).")
+    p.add_argument("--head", default=S, help="the owner's head bundle (its tokenizer encodes the data)")
+    p.add_argument("--out", default=S, help="memory directory; re-running the same command continues it")
+    owner_flags(p)
+    data_flags(p, split=False)
+    trust_flag(p)
+    add_dataclass_flags(p, MemoryConfig)
+
+    p = command("pema-train", cmd_pema_train, "PEMA data owner: train the adapter on the external memory, export its bundle.")
+    p.add_argument("--memory", default=S, help="external memory directory (pema-memory)")
+    p.add_argument("--head", default=S, help="the owner's head bundle")
+    p.add_argument("--out", default=S, help="PEMA adapter bundle directory to create")
+    p.add_argument("--overwrite", action="store_true", default=S, help="replace an existing bundle")
+    p.add_argument("--sign-key", default=S, help="your private key: sign the adapter bundle")
+    trust_flag(p)
+    add_dataclass_flags(p, PemaConfig)
+
+    p = command("pema-generate", cmd_pema_generate, "PEMA data owner: generate answers (with or without an adapter) and score them.")
+    p.add_argument("--head", default=S, help="the owner's head bundle")
+    p.add_argument("--adapter", default=S, help="PEMA adapter bundle (omit for the model alone)")
+    p.add_argument("--out", default=S, help="write predictions as JSONL")
+    owner_flags(p)
+    data_flags(p, split=True)
+    trust_flag(p)
+    add_dataclass_flags(p, GenerateConfig)

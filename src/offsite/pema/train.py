@@ -1,0 +1,307 @@
+"""Data owner: train the PEMA adapter on the external memory, and its bundle.
+
+The adapter is a LoRA-like bottleneck on the representation f (d) with rank r, no bias:
+A (r x d) and two decoders B_rct, B_pd (d x r), scale s = 1/r, dropout 0.2 on the input:
+
+    z     = s A dropout(f)
+    h_rct = B_rct z        L_rct = MSE(h_rct, f)
+    h_pd  = B_pd z         L_pd  = CE(head(h_pd), y)       head = lm_head(norm(.)) from the head bundle
+
+Phase 1 trains A and B_rct on L_rct. Phase 2 freezes B_rct, starts a fresh A (and B_pd) and
+trains them on kappa L_rct + (1 - kappa) L_pd, so the new latent must still reconstruct f
+through the frozen decoder. A is Kaiming-uniform initialised and the B's start at zero, as in
+the reference code; one dropout mask feeds both decoders (the reference draws two). Each phase
+uses Adam and stops early when its validation loss has not improved for `patience` validations;
+the best weights are kept. The validation split is a fixed random subset of *examples* (all of
+an example's rows go to the same side). Batches are read from the memory-mapped keys, so memory
+use is bounded by the batch size, not the memory size.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..bundle import read_manifest, write_bundle
+from ..errors import BundleError, ConfigError
+from .head import LoadedHead, read_tensors
+from .memory import ExternalMemory
+
+KIND = "pema-adapter"
+WEIGHTS = "pema.safetensors"
+
+
+@dataclass
+class PemaConfig:
+    """How the PEMA adapter is trained. Every field is also a CLI flag and a YAML key."""
+
+    rank: int = 512
+    dropout: float = 0.2
+    kappa: float = 0.2  # weight of L_rct in phase 2
+    lr: float = 1e-3
+    epochs: int = 20  # at most, per phase
+    batch_size: int = 1024  # memory rows per step
+    patience: int = 2  # validations without improvement before a phase stops
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    val_fraction: float = 0.1  # of the examples
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("rank", "epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.kappa <= 1 or not 0 < self.val_fraction < 1:
+            raise ConfigError("dropout must be in [0, 1), kappa in [0, 1] and val_fraction in (0, 1)")
+        if self.lr <= 0 or self.eval_every < 0:
+            raise ConfigError("lr must be positive and eval_every non-negative")
+
+
+class PemaAdapter(nn.Module):
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.2):
+        super().__init__()
+        if rank > hidden_size:
+            raise ConfigError(f"PEMA rank {rank} is larger than the representation size {hidden_size}")
+        self.hidden_size, self.rank = hidden_size, rank
+        self.scale = 1.0 / rank
+        self.A = nn.Parameter(torch.empty(rank, hidden_size))
+        self.B_rct = nn.Parameter(torch.zeros(hidden_size, rank))
+        self.B_pd = nn.Parameter(torch.zeros(hidden_size, rank))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_A()
+
+    def reset_A(self) -> None:
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_rct, h_pd) for representations f (..., d)."""
+        z = self.dropout(f.float()) @ self.A.T * self.scale
+        return z @ self.B_rct.T, z @ self.B_pd.T
+
+    def predict(self, f: torch.Tensor) -> torch.Tensor:
+        """h_pd, whose head(h_pd) is PEMA's next-token distribution."""
+        return self.forward(f)[1]
+
+
+# ---------------------------------------------------------------- data
+def split_rows(memory: ExternalMemory, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows), sorted, splitting by example."""
+    spans = memory.example_rows()
+    if len(spans) < 2:
+        raise ConfigError("the external memory needs at least two examples (one for validation)")
+    order = np.random.default_rng(seed).permutation(len(spans))
+    n_val = min(len(spans) - 1, max(1, round(val_fraction * len(spans))))
+    val = set(order[:n_val].tolist())
+    pick = lambda chosen: np.concatenate([np.arange(*spans[i]) for i in sorted(chosen)]).astype(np.int64)  # noqa: E731
+    return pick(set(range(len(spans))) - val), pick(val)
+
+
+def _batch(memory: ExternalMemory, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.sort(rows)  # ascending reads from the memmap
+    keys = torch.from_numpy(np.ascontiguousarray(memory.keys[rows])).to(device)
+    values = torch.from_numpy(np.ascontiguousarray(memory.values[rows]).astype(np.int64)).to(device)
+    return keys, values
+
+
+# ---------------------------------------------------------------- training
+def train_pema(memory: ExternalMemory, head: LoadedHead, config: PemaConfig | None = None,
+               progress: bool = True) -> tuple[PemaAdapter, dict]:
+    """Both phases on `memory`; returns the adapter (best weights of each phase) and metrics."""
+    from ..report import resolve_device
+
+    config = config or PemaConfig()
+    check_compatible(memory, head)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    adapter = PemaAdapter(memory.hidden_size, config.rank, config.dropout).to(device)
+    logits_of = head.head.to(device)
+    train_rows, val_rows = split_rows(memory, config.val_fraction, config.seed)
+    kappa = config.kappa
+
+    def rct_loss(f, y):
+        h_rct, _ = adapter(f)
+        return F.mse_loss(h_rct, f)
+
+    def joint_loss(f, y):
+        h_rct, h_pd = adapter(f)
+        return kappa * F.mse_loss(h_rct, f) + (1 - kappa) * F.cross_entropy(logits_of(h_pd).float(), y)
+
+    start = time.perf_counter()
+    metrics = {"train_rows": len(train_rows), "val_rows": len(val_rows)}
+    metrics["rct"] = _run_phase("rct", adapter, [adapter.A, adapter.B_rct], rct_loss, memory, train_rows, val_rows, config, device, progress)
+    adapter.B_rct.requires_grad_(False)
+    adapter.reset_A()  # phase 2 learns a fresh encoder against the frozen reconstruction decoder
+    metrics["joint"] = _run_phase("joint", adapter, [adapter.A, adapter.B_pd], joint_loss, memory, train_rows, val_rows, config, device, progress)
+    metrics.update(_accuracy(adapter, logits_of, memory, val_rows, config.batch_size, device))
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    adapter.requires_grad_(False).eval()
+    return adapter, metrics
+
+
+def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, config: PemaConfig, device, progress) -> dict:
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    best, best_state, bad, history, step, losses = math.inf, None, 0, [], 0, []
+    stopped, validated_at = False, -1
+    phase_seed = {"rct": 1, "joint": 2}[name]
+    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress, desc=f"pema {name}", unit="step")
+
+    def validate() -> bool:
+        nonlocal best, best_state, bad, validated_at
+        validated_at = step
+        value = evaluate_loss(adapter, loss_fn, memory, val_rows, config.batch_size, device)
+        history.append(round(value, 6))
+        if value < best:
+            best, best_state, bad = value, copy.deepcopy(adapter.state_dict()), 0
+        else:
+            bad += 1
+        bar.set_postfix(val=f"{value:.4f}", best=f"{best:.4f}")
+        return bad >= config.patience
+
+    for epoch in range(config.epochs):
+        order = train_rows[np.random.default_rng([config.seed, phase_seed, epoch]).permutation(len(train_rows))]
+        adapter.train()
+        for i in range(steps_per_epoch):
+            f, y = _batch(memory, order[i * config.batch_size : (i + 1) * config.batch_size], device)
+            loss = loss_fn(f, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            if config.eval_every and step % config.eval_every == 0:
+                stopped = validate()
+                adapter.train()
+                if stopped:
+                    break
+        if stopped or (not config.eval_every and validate()):
+            stopped = True
+            break
+    if validated_at != step:  # eval_every did not land on the last step
+        validate()
+    bar.close()
+    adapter.load_state_dict(best_state)
+    for p in params:
+        p.requires_grad_(False)
+    return {"steps": step, "epochs": epoch + 1, "stopped_early": stopped, "best_val_loss": round(best, 6),
+            "val_history": history, "first_train_loss": round(losses[0], 6), "last_train_loss": round(losses[-1], 6)}
+
+
+@torch.no_grad()
+def evaluate_loss(adapter, loss_fn, memory, rows: np.ndarray, batch_size: int, device) -> float:
+    """Row-weighted mean of `loss_fn` over `rows` in eval mode (no dropout)."""
+    was_training = adapter.training
+    adapter.eval()
+    total = 0.0
+    for i in range(0, len(rows), batch_size):
+        f, y = _batch(memory, rows[i : i + batch_size], device)
+        total += loss_fn(f, y).item() * len(y)
+    adapter.train(was_training)
+    return total / len(rows)
+
+
+@torch.no_grad()
+def _accuracy(adapter, logits_of, memory, rows, batch_size, device) -> dict:
+    """Validation next-token accuracy of P_PEMA and of the model's own P_LM (same rows)."""
+    adapter.eval()
+    pema = lm = 0
+    for i in range(0, len(rows), batch_size):
+        f, y = _batch(memory, rows[i : i + batch_size], device)
+        pema += int((logits_of(adapter.predict(f)).argmax(-1) == y).sum())
+        lm += int((logits_of(f).argmax(-1) == y).sum())
+    return {"val_accuracy_pema": round(pema / len(rows), 4), "val_accuracy_lm": round(lm / len(rows), 4)}
+
+
+def check_compatible(memory: ExternalMemory, head: LoadedHead) -> None:
+    owner = memory.meta.get("owner", {})
+    if owner.get("base_fingerprint") != head.base_fingerprint:
+        raise ConfigError("the external memory was built from another model than the one the head bundle belongs to")
+    if memory.hidden_size != head.hidden_size:
+        raise ConfigError(f"memory keys have size {memory.hidden_size}, the head expects {head.hidden_size}")
+
+
+# ---------------------------------------------------------------- bundle
+def save_pema_adapter(adapter: PemaAdapter, out_dir: str | Path, head: LoadedHead, memory: ExternalMemory,
+                      config: PemaConfig, metrics: dict, overwrite: bool = False, sign_key=None) -> Path:
+    """Write the PEMA adapter bundle, bound to the head bundle it was trained with."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in (("A", adapter.A), ("B_rct", adapter.B_rct), ("B_pd", adapter.B_pd))}
+    manifest = {
+        "base": {"fingerprint": head.base_fingerprint, "name": head.manifest["base"].get("name", ""),
+                 "model_type": head.manifest["base"].get("model_type", "")},
+        "pema": {"hidden_size": adapter.hidden_size, "rank": adapter.rank, "scale": adapter.scale, "dropout": config.dropout},
+        "head": {"fingerprint": head.fingerprint},
+        "memory": {"fingerprint": memory.meta["fingerprint"], "rows": int(memory.keys.shape[0]), "examples": int(len(memory.lengths)),
+                   "mean_target_length": memory.mean_target_length, "contexts": memory.meta["config"]["contexts"]},
+        "training": asdict(config),
+        "metrics": metrics,
+    }
+    return write_bundle(out_dir, KIND, manifest, lambda tmp: save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"}),
+                        overwrite=overwrite, sign_key=sign_key)
+
+
+@dataclass
+class LoadedPemaAdapter:
+    adapter: PemaAdapter
+    manifest: dict
+
+    @property
+    def mean_target_length(self) -> float:
+        return self.manifest["memory"]["mean_target_length"]
+
+
+def load_pema_adapter(bundle_dir: str | Path, head: LoadedHead | None = None, trusted_key=None) -> LoadedPemaAdapter:
+    """Verify a PEMA adapter bundle and rebuild the adapter; with `head`, it must be the head bundle it was trained with."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir, kind=KIND, trusted_key=trusted_key)
+    spec, memory, bound = manifest.get("pema"), manifest.get("memory"), manifest.get("head")
+    ok = (
+        isinstance(spec, dict) and type(spec.get("hidden_size")) is int and type(spec.get("rank")) is int
+        and 0 < spec["rank"] <= spec["hidden_size"] <= 1 << 24
+        and isinstance(bound, dict) and isinstance(bound.get("fingerprint"), str)
+        and isinstance(memory, dict) and type(memory.get("mean_target_length")) in (int, float)
+        and math.isfinite(memory["mean_target_length"]) and memory["mean_target_length"] > 0
+    )
+    if not ok:
+        raise BundleError(f"PEMA adapter manifest has a malformed 'pema', 'head' or 'memory' section: {bundle_dir}")
+    if head is not None and bound["fingerprint"] != head.fingerprint:
+        raise BundleError(f"PEMA adapter was trained with head bundle {bound['fingerprint'][:16]}, not the given {head.fingerprint[:16]}: {bundle_dir}")
+    if WEIGHTS not in manifest["files"]:
+        raise BundleError(f"PEMA adapter bundle lacks {WEIGHTS}: {bundle_dir}")
+    d, r = spec["hidden_size"], spec["rank"]
+    tensors = read_tensors(bundle_dir, WEIGHTS, {"A": (r, d), "B_rct": (d, r), "B_pd": (d, r)}, "float32")
+    adapter = PemaAdapter(d, r, 0.0)
+    adapter.load_state_dict(tensors, strict=True)
+    adapter.requires_grad_(False).eval()
+    return LoadedPemaAdapter(adapter, manifest)
+
+
+def train_pema_bundle(memory_dir, head_dir, out_dir, config: PemaConfig | None = None, overwrite: bool = False,
+                      sign_key=None, trusted_key=None, progress: bool = True) -> Path:
+    """Data-owner recipe: open the memory and the head bundle, train both phases, write the adapter bundle."""
+    from ..signing import load_private_key
+    from .head import load_head
+
+    config = config or PemaConfig()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise BundleError(f"output already exists, not overwriting: {out_dir}")
+    sign_key = load_private_key(sign_key) if sign_key is not None else None  # fail before training
+    head = load_head(head_dir, trusted_key=trusted_key)
+    memory = ExternalMemory.open(memory_dir)
+    adapter, metrics = train_pema(memory, head, config, progress=progress)
+    return save_pema_adapter(adapter, out_dir, head, memory, config, metrics, overwrite=overwrite, sign_key=sign_key)
+
+
