@@ -28,7 +28,7 @@ from offsite.training import FinetuneConfig
 
 from record import ROOT, five_number_table, update_readme
 
-TASKS = "arc_easy,piqa,sciq"
+TASKS = "arc_easy,sciq"
 HALF = 0.5  # share of the middle parameters every emulator keeps
 DISTILL = {"tokens": 150_000, "block_size": 128, "batch_size": 8, "lr": 1e-4, "eval_every": 25, "eval_chars": 10_000}
 VARIANTS = {
