@@ -491,3 +491,28 @@ def test_pema_commands_end_to_end(base_dir, tmp_path, capsys):
     code, _, err = run(capsys, "pema-generate", "--model", base_dir, "--head", tmp_path / "head", "--lambda-max", 2)
     assert code == 2 and "lambda_max must be in [0, 1]" in err
     assert math.isfinite(json.loads((tmp_path / "pema" / "manifest.json").read_text())["metrics"]["joint"]["best_val_loss"])
+
+
+class RemoteOwner:
+    """What a data owner sees of an owner reached over the network: info() and represent() only,
+    answers passed through their JSON form."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def info(self):
+        return self.server.info()
+
+    def represent(self, request):
+        request = RepresentationRequest.from_dict(json.loads(json.dumps(request.to_dict())))
+        return RepresentationResponse.from_dict(json.loads(json.dumps(self.server.represent(request).to_dict())))
+
+
+def test_a_stateless_owner_gives_the_same_generation(llama, tokenizer, head_dir):
+    head, server, prompts = load_head(head_dir), RepresentationServer(llama), ids(tokenizer)
+    adapter = PemaAdapter(32, 4)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(adapter.B_pd)
+    loaded = LoadedPemaAdapter(adapter.eval(), {"memory": {"mean_target_length": 3.0}})
+    config = GenerateConfig(max_new_tokens=5, stop_at_newline=False)
+    assert generate_ids(RemoteOwner(server), head, prompts, loaded, config) == generate_ids(server, head, prompts, loaded, config)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..data import _ids
 from ..errors import ConfigError
 from .head import LoadedHead
+from .owner import StatelessSession
 from .train import LoadedPemaAdapter
 
 
@@ -84,7 +85,7 @@ def generate_ids(server, head: LoadedHead, prompts: list[list[int]], adapter: Lo
                  config: GenerateConfig | None = None) -> list[list[int]]:
     """Greedy decoding of one batch of prompts (token ids); the generated ids of each, without EOS."""
     config = config or GenerateConfig()
-    tokenizer, device = head.tokenizer, server.device
+    tokenizer, device = head.tokenizer, getattr(server, "device", torch.device("cpu"))
     logits_of = head.head.to(device)
     pema = adapter.adapter.to(device) if adapter is not None else None
     length = config.expected_length or (adapter.mean_target_length if adapter is not None else 1.0)
@@ -93,7 +94,8 @@ def generate_ids(server, head: LoadedHead, prompts: list[list[int]], adapter: Lo
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     newline: dict[int, bool] = {}
 
-    session = server.session(prompts)
+    # In-process servers keep a KV cache between steps; any other `represent` gets the whole context each step.
+    session = server.session(prompts) if hasattr(server, "session") else StatelessSession(server, prompts)
     f = session.prefill(1, with_logits=False)[0][:, -1]
     out: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)

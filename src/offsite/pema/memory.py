@@ -132,8 +132,13 @@ def build_memory(
         if existing.get("fingerprint") != fingerprint:
             raise ConfigError(f"{out_dir} holds an external memory built from other data, settings or model; choose another output")
         state = _read_json(out_dir / PROGRESS)
-        keys = np.load(out_dir / KEYS, mmap_mode="r+")
-        values = np.load(out_dir / VALUES, mmap_mode="r+")
+        try:
+            keys = np.load(out_dir / KEYS, mmap_mode="r+")
+            values = np.load(out_dir / VALUES, mmap_mode="r+")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"external memory files are unreadable ({str(e)[:100]}); start it again in a new directory: {out_dir}") from None
+        if keys.shape != (rows, d) or keys.dtype != np.float32 or values.shape != (rows,) or values.dtype != np.int32:
+            raise ConfigError(f"external memory files do not have the shapes memory.json declares: {out_dir}")
     else:
         # Without memory.json nothing was recorded yet: our own leftovers are rewritten, anything else is not ours.
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OWN_FILES and not p.name.startswith(".")) if out_dir.is_dir() else []

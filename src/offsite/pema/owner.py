@@ -10,7 +10,8 @@ predictions. Requests and responses are small dataclasses of lists and numpy arr
 `DecodingSession` is the in-process fast path for generation: it keeps the KV cache between
 steps, and the caller (the data owner) chooses each next token. It feeds the model exactly what
 `model.generate` feeds it (left padding, the same position ids and masks), so a session driven
-by greedy choices reproduces greedy `generate` token for token.
+by greedy choices reproduces greedy `generate` token for token. `StatelessSession` offers the
+same steps over nothing but `represent`, for an owner reached over the network.
 """
 
 from __future__ import annotations
@@ -225,3 +226,29 @@ class DecodingSession:
         state["positions"] = torch.cat([state["positions"], state["positions"][:, -1:] + 1], dim=-1)
         reps, logits = self._forward(tokens, 1, with_logits)
         return reps[:, -1], (logits[:, -1] if logits is not None else None)
+
+
+class StatelessSession:
+    """The session interface over any `represent` (e.g. a client of a remote owner): every step
+    re-sends the prompt with the tokens chosen so far as `forced`, so no state lives at the owner.
+    Quadratic in the output length, which is fine for short answers; in-process, use `DecodingSession`."""
+
+    def __init__(self, server, prompts: list[list[int]]):
+        self.server, self.prompts = server, prompts
+        self.chosen: list[list[int]] = [[] for _ in prompts]
+
+    def _last_rows(self) -> torch.Tensor:
+        response = self.server.represent(RepresentationRequest(self.prompts, forced=self.chosen))
+        return torch.from_numpy(np.stack([r[-1] for r in response.representations]))
+
+    def prefill(self, keep: int = 1, with_logits: bool = False) -> tuple[torch.Tensor, None]:
+        if keep != 1 or with_logits:
+            raise ConfigError("a stateless session returns the last representation of each prompt only")
+        return self._last_rows()[:, None], None
+
+    def step(self, tokens: torch.Tensor, with_logits: bool = False) -> tuple[torch.Tensor, None]:
+        if with_logits:
+            raise ConfigError("a stateless session returns representations only")
+        for chosen, token in zip(self.chosen, tokens.tolist()):
+            chosen.append(int(token))
+        return self._last_rows(), None
