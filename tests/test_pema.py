@@ -347,6 +347,9 @@ def test_training_rejects_a_memory_of_another_model_and_bad_settings(strong_head
         train_pema(memory, load_head(head_dir), PemaConfig(rank=8), progress=False)
     with pytest.raises(ConfigError, match="larger than the representation size"):
         train_pema(memory, strong_head, PemaConfig(rank=64), progress=False)
+    foreign_tokens = toy_memory(tmp_path / "v", np.zeros((4, 32)), np.array([1, 2, 3, 320]), [2, 2], strong_head)
+    with pytest.raises(ConfigError, match="outside the head's vocabulary of 320"):
+        train_pema(foreign_tokens, strong_head, PemaConfig(rank=8), progress=False)
     for bad in (dict(rank=0), dict(kappa=1.5), dict(val_fraction=1.0), dict(dropout=1.0)):
         with pytest.raises(ConfigError):
             PemaConfig(**bad)

@@ -231,6 +231,9 @@ def check_compatible(memory: ExternalMemory, head: LoadedHead) -> None:
         raise ConfigError("the external memory was built from another model than the one the head bundle belongs to")
     if memory.hidden_size != head.hidden_size:
         raise ConfigError(f"memory keys have size {memory.hidden_size}, the head expects {head.hidden_size}")
+    low, high = int(memory.values.min()), int(memory.values.max())
+    if low < 0 or high >= head.head.vocab_size:
+        raise ConfigError(f"memory values range over [{low}, {high}], outside the head's vocabulary of {head.head.vocab_size}")
 
 
 # ---------------------------------------------------------------- bundle
