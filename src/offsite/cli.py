@@ -301,6 +301,24 @@ def cmd_demo(opts: dict) -> None:
     cmd_report(dataclasses.asdict(config) | {"finetune": dataclasses.asdict(config.finetune)})
 
 
+def cmd_serve(opts: dict) -> None:
+    from .service.commands import cmd_serve as serve
+
+    serve(opts)
+
+
+def cmd_serve_token(opts: dict) -> None:
+    from .service.commands import cmd_serve_token as serve_token
+
+    serve_token(opts)
+
+
+def cmd_remote(opts: dict) -> None:
+    from .service.commands import cmd_remote as remote
+
+    remote(opts)
+
+
 def _reject_leftovers(opts: dict) -> None:
     if opts:
         raise ConfigError(f"unknown option(s) {sorted(opts)}")
@@ -470,6 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("verify", cmd_verify, "Check a bundle's signature and every file's SHA-256; prints OK or one error line.")
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--key", default=argparse.SUPPRESS, help="the signer's public key (default: $OFFSITE_TRUSTED_KEY)")
+
+    from .service.commands import add_remote_actions
+    from .service.config import ServeConfig
+
+    p = command("serve", cmd_serve, "Owner: serve emulator bundles, adapter uploads, plug-in jobs and representation queries over HTTP.")
+    add_dataclass_flags(p, ServeConfig)
+    p = command("serve-token", cmd_serve_token, "Owner: create an API token for a data owner of offsite serve (printed once).")
+    p.add_argument("--state", default=argparse.SUPPRESS, help="the server's state directory")
+    p.add_argument("--name", default=argparse.SUPPRESS, help="the data owner's name")
+    p.add_argument("--trusted-key", default=argparse.SUPPRESS, help="the data owner's public key: its uploads must be signed with it")
+    p = command("remote", cmd_remote, "Data owner: use an offsite server (list, download, upload, submit, status, report).")
+    add_remote_actions(p)
     return parser
 
 
