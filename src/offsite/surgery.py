@@ -199,3 +199,21 @@ def linear_module_names(model: nn.Module, layout: BlockLayout, indices: list[int
             if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
                 out.append(prefix + name)
     return out
+
+
+def attention_linear_names(model: nn.Module, layout: BlockLayout, index: int) -> list[str]:
+    """Full names of the linear layers of block `index`'s attention (q/k/v/o, or a fused qkv + output).
+
+    The attention is the one child of the block whose name contains "attn"/"attention" and holds
+    linear layers (self_attn, attn, attention, self_attention in the tested families).
+    """
+    block = get_blocks(model, layout)[index]
+    children = [
+        n for n, m in block.named_children()
+        if ("attn" in n.lower() or "attention" in n.lower())
+        and any(isinstance(x, nn.Linear) or type(x).__name__ == "Conv1D" for x in m.modules())
+    ]
+    if len(children) != 1:
+        raise UnsupportedModelError(f"{layout.model_type}: cannot tell the attention module of block {index} (candidates {children})")
+    prefix = f"{layout.blocks}.{index}."
+    return [n for n in linear_module_names(model, layout, [index]) if n.startswith(prefix + children[0] + ".")]
