@@ -160,6 +160,20 @@ def cmd_distill(opts: dict) -> None:
     print_summary(path)
 
 
+def cmd_scaleot_importance(opts: dict) -> None:
+    from .methods.scaleot import ImportanceConfig, importance_checkpoint
+    from .models import resolve_model
+
+    model_path, name = resolve_model(take(opts, "model"))
+    out = take(opts, "out")
+    resume, overwrite = take(opts, "resume", False), take(opts, "overwrite", False)
+    config = build_dataclass(ImportanceConfig, split_for(ImportanceConfig, opts))
+    _reject_leftovers(opts)
+    path = importance_checkpoint(model_path, out, config, base_name=name, resume=resume, overwrite=overwrite)
+    print(f"scaleot artifact written to {path}  (use it: offsite compress --method scaleot --artifact {path} --alpha A --beta B)")
+    print_summary(path)
+
+
 def cmd_plugin(opts: dict) -> None:
     from .models import resolve_model
     from .plugin import plugin_checkpoint
@@ -369,6 +383,14 @@ def _summary(bundle_dir, m: dict) -> str:
             f"schedule {t.get('schedule')}, precision {t.get('precision')}, seed {t.get('seed')}",
             f"metrics     {json.dumps(m.get('metrics', {}))}",
         ]
+    elif m["kind"] == "scaleot-artifact":
+        body = m["scaleot"]
+        keep = {e["block"]: e["keep_probability"] for e in body["importance"]}
+        lines += [
+            f"harmonizer  rank {body['harmonizer']['rank']}, {body['harmonizer']['activation']}, one per middle block "
+            f"{body['middle'][0]}-{body['middle'][-1]}; {body['training']['steps']} steps",
+            "importance  keep probability, least important first: " + ", ".join(f"{b}: {keep[b]:.2f}" for b in body["ranking"]),
+        ]
     elif m["kind"] == "plugged":
         lines.append(f"adapter     {m['adapter']['type']} {m['adapter']['fingerprint'][:16]}, merged: {m['adapter']['merged']}")
     elif m["kind"] == "pema-head":
@@ -394,6 +416,7 @@ def _summary(bundle_dir, m: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .distill import DistillConfig
     from .methods import METHODS
+    from .methods.scaleot import ImportanceConfig
     from .training import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of Hugging Face causal LMs.")
@@ -424,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
     add_dataclass_flags(p, DistillConfig)
+
+    p = command("scaleot-importance", cmd_scaleot_importance,
+                "Owner: ScaleOT stage (a), train harmonizers and learn block importance (artifact for --method scaleot).")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="HF checkpoint directory or a bundled asset name (smollm2-135m)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="artifact directory to create (checkpoints go to OUT.checkpoints/)")
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing artifact")
+    add_dataclass_flags(p, ImportanceConfig)
 
     p = command("finetune", cmd_finetune, "Data owner: train the adapter on the emulator, export an adapter bundle.")
     p.add_argument("--bundle", default=argparse.SUPPRESS, help="emulator bundle directory")

@@ -1,0 +1,715 @@
+"""ScaleOT (Yao et al., AAAI 2025): harmonizers, learned block importance, Selective Rank Compression.
+
+Two stages, both on the model owner's side.
+
+(a) Importance estimation with Dynamic LayerReplace (`estimate_importance`, `offsite
+scaleot-importance`). Every middle block i gets a harmonizer (offsite.structure.Harmonizer: the
+residual low-rank MLP x -> x + up(act(down(x))), `up` zero-initialised, so it starts as the
+identity) and a logit s_i, its keep-probability being p_i = sigmoid(s_i). The middle blocks are cut
+into consecutive groups of about `group_size` (M // group_size groups, sizes as even as possible);
+at every step, in each group of n blocks, floor(n/2) are replaced by their harmonizers, drawn
+without replacement with probability proportional to 1 - p_i (a Plackett-Luce sample: the less
+important a block, the more often it is replaced). Each step then
+  1. trains the harmonizers: one AdamW step on the LM loss of this mixed network on a training
+     batch (the original blocks, embeddings and head stay frozen; only the replaced blocks'
+     harmonizers receive gradient);
+  2. updates the importances: the same mixed network is scored on a held-out batch, reward
+     R = exp(-loss), and REINFORCE with a baseline takes one Adam step on
+     -(R - b) * log P(sample | s); b is an exponential moving average of R (`baseline_decay`),
+     started at the first reward.
+The data is packed generic text (`offsite.tasks.load_generic_text`) unless `data` names a task or
+a JSONL file; the last `heldout_fraction` of the packed blocks is the held-out reward set. The
+result is an owner-side artifact (a bundle of kind "scaleot-artifact": harmonizers.safetensors
+with a harmonizer for every middle block, and in manifest.json the importances, the settings, the
+training curve and the base model's fingerprint), so any emulator is assembled from it later
+without retraining. Checkpoints (offsite.checkpoint) make the run resumable bit for bit.
+
+(b) Emulator generation (method "scaleot", `offsite compress --method scaleot`). An emulator is
+the triplet (N_a, alpha, beta): N_a = num_bottom + num_top adapter blocks, verbatim; of the M
+middle blocks the round(alpha * M) least important (lowest s_i; round half up) are replaced by
+their harmonizers (never a block whose KV cache transformers reads for all blocks: block 0 and
+the first block of each attention type, see `cache_anchor_blocks`); the attention projections of every kept middle block get Selective Rank
+Compression: beta is the fraction of rank KEPT, each attention linear W (out x in) becomes its
+rank-r truncated SVD with r = ceil(beta * min(in, out)) (at least 1; beta = 1 leaves the block
+verbatim). The FFN is never touched. A truncated matrix is stored as a LowRankLinear (two thin
+linears, r * (in + out) weights) when that is smaller than the dense matrix, else as the dense
+rank-r product (same size, still lossy). Harmonizers and low-rank linears are declared in the
+manifest's "structure" (offsite.structure), so the data owner loads the emulator with offsite
+alone and no ScaleOT code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import BundleError, ConfigError, UnsupportedModelError
+from ..structure import (
+    ACTIVATIONS,
+    TUPLE_OUTPUT_BLOCKS,
+    Harmonizer,
+    apply_structure,
+    count_parameters,
+    dense_weight,
+    harmonizer_parameters,
+    linear_shape,
+)
+from ..surgery import BlockLayout, attention_linear_names, build_reduced_model, discover_layout, get_blocks
+from . import Emulator, EmulatorConfig, register
+
+ARTIFACT_KIND = "scaleot-artifact"
+HARMONIZERS_FILE = "harmonizers.safetensors"
+HARMONIZER_PARAMS = ("down.weight", "down.bias", "up.weight", "up.bias")
+# Settings that may change when a run is resumed (they do not change what a step computes).
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device")
+
+
+# ------------------------------------------------------------------ stage (a): settings
+@dataclass
+class ImportanceConfig:
+    """ScaleOT stage (a). Steps count (harmonizer step + importance step) pairs."""
+
+    num_bottom: int = 2  # adapter the artifact is made for: harmonizers cover the blocks in between
+    num_top: int = 2
+    rank: int = 64  # harmonizer rank
+    activation: str = "relu"
+    group_size: int = 4
+    steps: int = 300
+    batch_size: int = 8
+    block_size: int = 128  # tokens per packed sequence
+    lr: float = 1e-3  # harmonizers (AdamW)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    policy_lr: float = 0.05  # importance logits (Adam)
+    baseline_decay: float = 0.9
+    init_logit: float = 0.0
+    data: str = "generic"  # "generic" text, a task name (its training examples), or a JSONL file
+    data_chars: int | None = None  # characters of generic text to use (None: all)
+    heldout_fraction: float = 0.1  # share of the packed blocks kept for the reward
+    checkpoint_every: int = 50  # steps between checkpoints (0: none, no resume)
+    log_every: int = 10
+    mixed_precision: str = "auto"  # bf16 autocast on GPUs that support it; "no" for float32
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be at least 2 (half of each group is replaced), got {self.group_size}")
+        for name in ("rank", "steps", "batch_size", "block_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        for name in ("lr", "policy_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if not 0 <= self.baseline_decay < 1:
+            raise ConfigError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
+        if not math.isfinite(self.init_logit):
+            raise ConfigError("init_logit must be finite")
+
+    def middle(self, num_blocks: int) -> list[int]:
+        return EmulatorConfig(self.num_bottom, self.num_top).middle_blocks(num_blocks)
+
+
+def make_groups(middle: list[int], group_size: int) -> list[list[int]]:
+    """Consecutive groups: M // group_size of them (at least one), sizes differing by at most one."""
+    count = max(1, len(middle) // group_size)
+    base, extra = divmod(len(middle), count)
+    groups, start = [], 0
+    for g in range(count):
+        size = base + (1 if g < extra else 0)
+        groups.append(middle[start : start + size])
+        start += size
+    return groups
+
+
+def sample_replaced(logits: torch.Tensor, groups: list[list[int]], position: dict[int, int]) -> tuple[list[int], torch.Tensor]:
+    """Draw the blocks to replace: floor(n/2) per group of n, without replacement, with probability
+    proportional to 1 - sigmoid(s_i). Returns them (ascending) and the sample's log-probability
+    (differentiable in `logits`). Uses the global torch RNG (saved in checkpoints)."""
+    replaced, log_prob = [], logits.new_zeros(())
+    for group in groups:
+        index = torch.tensor([position[b] for b in group], device=logits.device)
+        weights = torch.sigmoid(-logits[index])
+        remaining = list(range(len(group)))
+        for _ in range(len(group) // 2):
+            w = weights[remaining]
+            probs = w / w.sum()
+            pick = int(torch.multinomial(probs.detach().float().cpu(), 1))
+            log_prob = log_prob + torch.log(probs[pick])
+            replaced.append(group[remaining.pop(pick)])
+    return sorted(replaced), log_prob
+
+
+# ------------------------------------------------------------------ stage (a): data
+def importance_texts(config: ImportanceConfig) -> list[str]:
+    """The text stage (a) trains and scores on, as configured by `data`."""
+    from ..tasks import TASKS
+
+    if config.data == "generic":
+        from ..tasks import load_generic_text
+
+        return load_generic_text(limit_chars=config.data_chars)
+    if config.data in TASKS:
+        from ..tasks import load_train_examples
+
+        return [ex.context + ex.continuation for ex in load_train_examples(config.data, seed=config.seed)]
+    if Path(config.data).suffix == ".jsonl":
+        from ..data import load_examples
+
+        return [ex.context + ex.continuation for ex in load_examples(config.data)]
+    raise ConfigError(f"data must be 'generic', a task name ({', '.join(sorted(TASKS))}) or a .jsonl file, got {config.data!r}")
+
+
+def split_features(tokenizer, texts: list[str], config: ImportanceConfig):
+    """Packed blocks of `block_size` tokens: (training blocks, held-out blocks), the held-out ones last."""
+    from ..distill import pack_blocks
+
+    blocks = pack_blocks(tokenizer, texts, config.block_size)
+    heldout = max(1, round(config.heldout_fraction * len(blocks)))
+    if len(blocks) - heldout < 1:
+        raise ConfigError(f"scaleot: the text yields only {len(blocks)} block(s) of {config.block_size} tokens; "
+                          "need at least one for training and one held out (more text, or a smaller block_size)")
+    return blocks[:-heldout], blocks[-heldout:]
+
+
+def _batch(features: list[dict], indices: list[int], device) -> dict[str, torch.Tensor]:
+    from ..data import pad_batch
+
+    return {k: v.to(device) for k, v in pad_batch([features[i] for i in indices], 0).items()}
+
+
+def train_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Batch `step` of an endless stream of shuffled epochs: a function of the step alone (exact resume)."""
+    from ..data import epoch_order
+
+    orders: dict[int, list[int]] = {}
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch = k // n
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, seed, epoch)
+        out.append(orders[epoch][k % n])
+    return out
+
+
+# ------------------------------------------------------------------ block output form
+def check_block_output(model: PreTrainedModel, layout: BlockLayout, index: int) -> None:
+    """A harmonizer can stand in for block `index`: the block returns what a Harmonizer returns for
+    this family (the hidden states, or a tuple led by them). Checked on one short forward pass."""
+    blocks = get_blocks(model, layout)
+    seen = {}
+
+    def hook(module, args, out):
+        seen["in"], seen["out"] = args[0] if args else None, out
+
+    handle = blocks[index].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
+    finally:
+        handle.remove()
+    out, expect_tuple = seen.get("out"), layout.model_type in TUPLE_OUTPUT_BLOCKS
+    hidden = out[0] if isinstance(out, tuple) and out else out
+    if isinstance(out, tuple) != expect_tuple or not torch.is_tensor(hidden) or not torch.is_tensor(seen.get("in")) \
+            or hidden.shape != seen["in"].shape:
+        form = f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, tuple) else "")
+        raise UnsupportedModelError(
+            f"{layout.model_type}: its blocks return {form}, not what a harmonizer returns for it "
+            f"({'a tuple' if expect_tuple else 'the hidden states'}); see offsite.structure.TUPLE_OUTPUT_BLOCKS"
+        )
+
+
+# ------------------------------------------------------------------ stage (a): the run
+def new_harmonizers(model: PreTrainedModel, layout: BlockLayout, blocks: list[int], rank: int, activation: str = "relu") -> nn.ModuleDict:
+    """A fresh harmonizer (the identity) for each of `blocks`, keyed by block index, on the model's
+    device and in its dtype, answering in the family's block output form."""
+    parameter = next(model.parameters())
+    tuple_output = layout.model_type in TUPLE_OUTPUT_BLOCKS
+    return nn.ModuleDict({str(i): Harmonizer(model.config.hidden_size, rank, activation, tuple_output,
+                                             dtype=parameter.dtype, device=parameter.device) for i in blocks})
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _use_bf16(config: ImportanceConfig, device: torch.device) -> bool:
+    if config.mixed_precision == "no" or device.type != "cuda":
+        return False
+    return config.mixed_precision == "bf16" or torch.cuda.is_bf16_supported()
+
+
+def _run_identity(config: ImportanceConfig, fingerprint: str) -> dict:
+    """What a checkpoint must agree with to be resumed."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    return {"settings": settings, "base_fingerprint": fingerprint}
+
+
+def estimate_importance(
+    model: PreTrainedModel,
+    tokenizer,
+    out_dir: str | Path,
+    config: ImportanceConfig | None = None,
+    texts: list[str] | None = None,
+    base_name: str = "",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback=None,
+    log=print,
+) -> Path:
+    """ScaleOT stage (a) on `model` (left unchanged): write the artifact to `out_dir`.
+
+    Checkpoints go to `<out_dir>.checkpoints/` every `checkpoint_every` steps; `resume` continues the
+    latest one (same settings and base model required) to the same result as an uninterrupted run.
+    `texts` overrides the configured data. `callback(step)` runs after each checkpoint.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from ..bundle import model_fingerprint
+    from ..checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from ..training import causal_lm_loss
+
+    config = config or ImportanceConfig()
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir.with_name(out_dir.name + ".checkpoints")
+    if out_dir.exists() and not overwrite:
+        raise ConfigError(f"output already exists, not overwriting: {out_dir}")
+    if list_checkpoints(ckpt_dir) and not resume and not overwrite:
+        raise ConfigError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite")
+    layout = discover_layout(model)
+    middle = config.middle(layout.num_blocks)
+    if len(middle) < 2:
+        raise ConfigError(f"scaleot needs at least 2 middle blocks, the adapter {config.num_bottom}+{config.num_top} leaves {len(middle)}")
+    groups = make_groups(middle, config.group_size)
+    position = {b: i for i, b in enumerate(middle)}
+    hidden = model.config.hidden_size
+    if config.rank > hidden:
+        raise ConfigError(f"rank {config.rank} is more than the hidden size {hidden}")
+    fingerprint = model_fingerprint(model)
+    identity = _run_identity(config, fingerprint)
+    train_set, heldout_set = split_features(tokenizer, texts if texts is not None else importance_texts(config), config)
+
+    device = _device(config.device)
+    home = next(model.parameters()).device
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    blocks = get_blocks(model, layout)
+    originals = {i: blocks[i] for i in middle}
+    model.to(device)
+    check_block_output(model, layout, middle[0])
+
+    torch.manual_seed(config.seed)
+    dtype = next(model.parameters()).dtype
+    harmonizers = new_harmonizers(model, layout, middle, config.rank, config.activation)
+    logits = nn.Parameter(torch.full((len(middle),), float(config.init_logit), device=device))
+    optimizer = torch.optim.AdamW([
+        {"params": list(harmonizers.parameters()), "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": [logits], "lr": config.policy_lr, "weight_decay": 0.0},
+    ])
+    scheduler = get_scheduler("constant", optimizer)
+    trainable = {f"harmonizers.{n}": p for n, p in harmonizers.named_parameters()} | {"importance_logits": logits}
+
+    step, baseline, history, window = 0, None, [], []  # window: training losses since the last history entry
+    if resume and list_checkpoints(ckpt_dir):
+        latest = list_checkpoints(ckpt_dir)[-1]
+        state = json.loads((latest / "state.json").read_text())["position"]
+        if state.get("identity") != identity:
+            raise ConfigError(f"{ckpt_dir} holds a run with other settings or another base model; choose another --out or --overwrite")
+        pos = load_checkpoint(latest, trainable, optimizer, scheduler)
+        step, baseline, history, window = pos["step"], pos["baseline"], pos["history"], pos["window"]
+        log(f"[scaleot] resumed from {latest} at step {step}")
+
+    use_bf16 = _use_bf16(config, device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    params = list(harmonizers.parameters())
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="scaleot importance", unit="step")
+    start = time.perf_counter()
+    model.eval()  # no dropout: the mixed network is compared across steps by its loss
+    model.requires_grad_(False)
+    try:
+        while step < config.steps:
+            replaced, log_prob = sample_replaced(logits, groups, position)
+            for i in middle:
+                blocks[i] = harmonizers[str(i)] if i in replaced else originals[i]
+            batch = _batch(train_set, train_indices(len(train_set), step, config.batch_size, config.seed), device)
+            with autocast():
+                loss = causal_lm_loss(model, batch)
+            loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            held = [(step * config.batch_size + j) % len(heldout_set) for j in range(config.batch_size)]
+            with torch.no_grad(), autocast():
+                heldout_loss = float(causal_lm_loss(model, _batch(heldout_set, held, device)))
+            reward = math.exp(-heldout_loss)
+            baseline = reward if baseline is None else baseline
+            (-(reward - baseline) * log_prob).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            baseline = config.baseline_decay * baseline + (1 - config.baseline_decay) * reward
+
+            step += 1
+            window.append(float(loss.detach()))
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                history.append({"step": step, "loss": round(sum(window) / len(window), 6),
+                                "heldout_loss": round(heldout_loss, 6), "reward": reward, "baseline": baseline})
+                window = []
+                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", heldout=f"{heldout_loss:.3f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                save_checkpoint(ckpt_dir, step, trainable, optimizer, scheduler,
+                                {"baseline": baseline, "history": history, "window": window, "identity": identity})
+                if callback:
+                    callback(step)
+    finally:
+        bar.close()
+        for i in middle:
+            blocks[i] = originals[i]
+        model.to(home)
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires[n])
+        model.train(was_training)
+
+    s = logits.detach().float().cpu()
+    importance = [{"block": b, "logit": float(s[position[b]]), "keep_probability": float(torch.sigmoid(s[position[b]]))}
+                  for b in middle]
+    training = {
+        "steps": step,
+        "seconds_this_run": round(time.perf_counter() - start, 1),
+        "train_blocks": len(train_set),
+        "heldout_blocks": len(heldout_set),
+        "final_loss": history[-1]["loss"] if history else None,
+        "final_heldout_loss": history[-1]["heldout_loss"] if history else None,
+        "history": history,
+    }
+    manifest = {
+        "base": {"fingerprint": fingerprint, "name": base_name, "model_type": layout.model_type,
+                 "num_blocks": layout.num_blocks, "hidden_size": hidden, "dtype": str(dtype).removeprefix("torch.")},
+        "scaleot": {
+            "config": dataclasses.asdict(config),
+            "middle": middle,
+            "groups": groups,
+            "harmonizer": {"rank": config.rank, "activation": config.activation},
+            "importance": importance,
+            "ranking": least_important_first({e["block"]: e["logit"] for e in importance}),
+            "training": training,
+        },
+    }
+    tensors = {f"{i}.{n}": p.detach().cpu().contiguous().clone() for i in middle for n, p in harmonizers[str(i)].named_parameters()}
+    path = write_artifact(out_dir, manifest, tensors, overwrite=overwrite)
+    keep = {e["block"]: e["keep_probability"] for e in importance}
+    log("[scaleot] keep probability by block, least important first: "
+        + ", ".join(f"{b}: {keep[b]:.2f}" for b in manifest["scaleot"]["ranking"]))
+    return path
+
+
+def importance_checkpoint(model_path: str | Path, out_dir: str | Path, config: ImportanceConfig | None = None,
+                          base_name: str = "", **kwargs) -> Path:
+    """Stage (a) on a checkpoint directory (what `offsite scaleot-importance` runs)."""
+    from ..emulator import load_checkpoint
+
+    config = config or ImportanceConfig()
+    if Path(out_dir).exists() and not kwargs.get("overwrite"):
+        raise ConfigError(f"output already exists, not overwriting: {out_dir}")
+    model, tokenizer = load_checkpoint(model_path)
+    return estimate_importance(model, tokenizer, out_dir, config, base_name=base_name or str(model_path), **kwargs)
+
+
+def least_important_first(logits: dict[int, float]) -> list[int]:
+    """Blocks by ascending importance logit (ties: lower block index first)."""
+    return sorted(logits, key=lambda b: (logits[b], b))
+
+
+# ------------------------------------------------------------------ the artifact
+def write_artifact(out_dir: Path, manifest: dict, tensors: dict[str, torch.Tensor], overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    from ..bundle import write_bundle
+
+    return write_bundle(out_dir, ARTIFACT_KIND, manifest, lambda tmp: save_file(tensors, tmp / HARMONIZERS_FILE), overwrite=overwrite)
+
+
+@dataclass
+class Artifact:
+    """A verified stage-(a) artifact."""
+
+    path: Path
+    manifest: dict
+    middle: list[int]
+    logits: dict[int, float]
+    rank: int
+    activation: str
+    harmonizers: dict[int, dict[str, torch.Tensor]]  # block -> {down.weight, down.bias, up.weight, up.bias}
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.manifest["base"]["fingerprint"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest["base"]["hidden_size"]
+
+    def ranking(self) -> list[int]:
+        return least_important_first(self.logits)
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Read and verify a stage-(a) artifact (hashes, structure, tensor shapes), or one BundleError line."""
+    from safetensors.torch import load_file
+
+    from ..bundle import read_manifest, safetensors_header
+
+    path = Path(path)
+    # The owner's own file, never crossing to the other party: hashes are checked, no signature needed.
+    manifest = read_manifest(path, kind=ARTIFACT_KIND, trusted_key=False)
+
+    def fail(why: str):
+        raise BundleError(f"scaleot artifact is malformed ({why}): {path}")
+
+    base, body = manifest.get("base"), manifest.get("scaleot")
+    if not isinstance(base, dict) or not isinstance(body, dict) or not isinstance(base.get("fingerprint"), str):
+        fail("no 'base' or 'scaleot' section")
+    hidden = base.get("hidden_size")
+    middle, spec, importance = body.get("middle"), body.get("harmonizer"), body.get("importance")
+    if type(hidden) is not int or hidden < 1:
+        fail("base.hidden_size")
+    if not isinstance(middle, list) or not middle or any(type(b) is not int or b < 0 for b in middle) or sorted(set(middle)) != middle:
+        fail("middle must be ascending block indices")
+    if not isinstance(spec, dict) or type(spec.get("rank")) is not int or not 1 <= spec["rank"] <= hidden \
+            or spec.get("activation") not in ACTIVATIONS:
+        fail("harmonizer rank/activation")
+    if not isinstance(importance, list) or not all(
+        isinstance(e, dict) and type(e.get("block")) is int and isinstance(e.get("logit"), (int, float))
+        and not isinstance(e.get("logit"), bool) and math.isfinite(e["logit"]) for e in importance
+    ) or [e["block"] for e in importance] != middle:
+        fail("importance must give a finite logit for every middle block")
+    rank = spec["rank"]
+    shapes = {"down.weight": (rank, hidden), "down.bias": (rank,), "up.weight": (hidden, rank), "up.bias": (hidden,)}
+    expected = {f"{b}.{n}": shape for b in middle for n, shape in shapes.items()}
+    header = safetensors_header(path / HARMONIZERS_FILE)
+    if {k: v[1] for k, v in header.items()} != expected or any(v[0] not in ("F32", "BF16", "F16") for v in header.values()):
+        fail(f"{HARMONIZERS_FILE} does not hold one rank-{rank} harmonizer per middle block")
+    tensors = load_file(path / HARMONIZERS_FILE)
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        fail("non-finite harmonizer weights")
+    harmonizers = {b: {n: tensors[f"{b}.{n}"] for n in HARMONIZER_PARAMS} for b in middle}
+    return Artifact(path, manifest, middle, {e["block"]: float(e["logit"]) for e in importance}, rank, spec["activation"], harmonizers)
+
+
+# ------------------------------------------------------------------ stage (b): the emulator
+@dataclass
+class ScaleOTConfig(EmulatorConfig):
+    """ScaleOT emulator (N_a = num_bottom + num_top, alpha, beta) from a stage-(a) artifact.
+
+    alpha: fraction of the middle blocks replaced by their harmonizers (the round(alpha * M) least
+    important, round half up), in [0, 1]. beta: fraction of rank KEPT in the attention projections
+    of the kept middle blocks, in (0, 1]: rank ceil(beta * min(in, out)); 1 = verbatim.
+    """
+
+    artifact: str | None = None  # directory written by `offsite scaleot-importance`
+    alpha: float = 0.5
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if not self.artifact:
+            raise ConfigError("scaleot needs an artifact: the directory written by `offsite scaleot-importance` (--artifact)")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"alpha (fraction of middle blocks replaced by harmonizers) must be in [0, 1], got {self.alpha!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta <= 1:
+            raise ConfigError(f"beta (fraction of attention rank kept in the kept middle blocks) must be in (0, 1], got {self.beta!r}")
+
+
+def num_replaced(alpha: float, num_middle: int) -> int:
+    """round(alpha * M), half up."""
+    return min(num_middle, math.floor(alpha * num_middle + 0.5))
+
+
+def kept_rank(beta: float, full_rank: int) -> int:
+    """ceil(beta * full_rank), at least 1 (the tolerance keeps 0.3 * 10 at 3, not 4)."""
+    return max(1, min(full_rank, math.ceil(beta * full_rank - 1e-9)))
+
+
+def cache_anchor_blocks(model_config, num_blocks: int) -> set[int]:
+    """Blocks whose KV cache transformers reads on behalf of all blocks: block 0 (the cached length,
+    hence the positions) and the first block of each attention type in `layer_types` (the mask
+    sizes of that type). A harmonizer keeps no cache, so these blocks are never replaced:
+    generation with a cache would lose its place."""
+    layer_types = getattr(model_config, "layer_types", None)
+    anchors = {0}
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == num_blocks:
+        anchors |= {list(layer_types).index(t) for t in set(layer_types)}
+    return anchors
+
+
+def select_replaced(config: ScaleOTConfig, artifact: Artifact, num_blocks: int, anchors: set[int] = frozenset()) -> list[int]:
+    """The middle blocks (ascending) that become harmonizers: the round(alpha * M) least important by
+    the artifact, passing over `anchors` (see `cache_anchor_blocks`)."""
+    middle = config.middle_blocks(num_blocks)
+    missing = sorted(set(middle) - set(artifact.middle))
+    if missing:
+        raise ConfigError(
+            f"scaleot artifact {artifact.path} has harmonizers for blocks {artifact.middle[0]}-{artifact.middle[-1]} only, "
+            f"not for middle blocks {missing}; use a larger adapter or run stage (a) with a smaller one"
+        )
+    ranked = [b for b in artifact.ranking() if b in middle and b not in anchors]
+    count = num_replaced(config.alpha, len(middle))
+    if count > len(ranked):
+        raise ConfigError(f"alpha={config.alpha} replaces {count} of {len(middle)} middle blocks, but blocks "
+                          f"{sorted(set(middle) & set(anchors))} hold the KV cache that transformers reads for all blocks "
+                          f"and cannot be replaced; at most {len(ranked)} can")
+    return sorted(ranked[:count])
+
+
+def _compressed_size(in_f: int, out_f: int, rank: int) -> int:
+    return rank * (in_f + out_f)
+
+
+def _attention_saving(module: nn.Module, beta: float) -> int:
+    """Parameters Selective Rank Compression frees in one attention linear (0 when it stays dense)."""
+    in_f, out_f = linear_shape(module)
+    return max(0, in_f * out_f - _compressed_size(in_f, out_f, kept_rank(beta, min(in_f, out_f))))
+
+
+def middle_parameters(model: PreTrainedModel, layout: BlockLayout, config: ScaleOTConfig, artifact: Artifact | None = None) -> int:
+    """Parameters of the middle of the emulator `config` would build, computed from shapes alone."""
+    artifact = artifact or load_artifact(config.artifact)
+    replaced = select_replaced(config, artifact, layout.num_blocks, cache_anchor_blocks(model.config, layout.num_blocks))
+    blocks = get_blocks(model, layout)
+    total = 0
+    for i in config.middle_blocks(layout.num_blocks):
+        if i in replaced:
+            total += harmonizer_parameters(model.config.hidden_size, artifact.rank)
+            continue
+        total += count_parameters(blocks[i])
+        if config.beta < 1:
+            total -= sum(_attention_saving(model.get_submodule(p), config.beta) for p in attention_linear_names(model, layout, i))
+    return total
+
+
+def closest_layerdrop(model: PreTrainedModel, layout: BlockLayout, target: int, num_bottom: int = 2, num_top: int = 2) -> tuple[int, int]:
+    """(k, middle parameters) of the uniform LayerDrop emulator whose middle is closest to `target`
+    parameters (ties: the smaller k)."""
+    from .layerdrop import uniform_indices
+
+    middle = EmulatorConfig(num_bottom, num_top).middle_blocks(layout.num_blocks)
+    sizes = [count_parameters(b) for b in get_blocks(model, layout)]
+    best = None
+    for k in range(2, len(middle) + 1):
+        params = sum(sizes[middle[0] + j] for j in uniform_indices(len(middle), k))
+        if best is None or abs(params - target) < abs(best[1] - target):
+            best = (k, params)
+    return best
+
+
+def _truncate(module: nn.Module, beta: float):
+    """(structure change or None, state for the module) of the rank-r truncated SVD of its weight."""
+    from .gradot import low_rank_state, svd
+
+    in_f, out_f = linear_shape(module)
+    rank = kept_rank(beta, min(in_f, out_f))
+    U, S, Vh = svd(dense_weight(module).detach())
+    keep = torch.arange(rank)
+    if _compressed_size(in_f, out_f, rank) < in_f * out_f:
+        return {"low_rank": rank}, low_rank_state(module, U, S, Vh, keep)
+    W = (U[:, :rank] * S[:rank]) @ Vh[:rank]  # no smaller as two factors: the rank-r matrix, dense
+    state = {"weight": (W.T if isinstance(module, Conv1D) else W).to(module.weight.dtype).contiguous()}
+    if getattr(module, "bias", None) is not None:
+        state["bias"] = module.bias.detach().clone()
+    return None, state
+
+
+@register("scaleot", ScaleOTConfig)
+def build_scaleot(model: PreTrainedModel, layout: BlockLayout, config: ScaleOTConfig) -> Emulator:
+    from ..bundle import bundle_fingerprint, model_fingerprint
+
+    artifact = load_artifact(config.artifact)
+    fingerprint = model_fingerprint(model)
+    if fingerprint != artifact.base_fingerprint:
+        raise ConfigError(f"scaleot artifact {artifact.path} was made from another base model "
+                          f"(fingerprint {artifact.base_fingerprint[:12]}, this model {fingerprint[:12]})")
+    adapter = config.adapter_blocks(layout.num_blocks)
+    middle = config.middle_blocks(layout.num_blocks)
+    replaced = select_replaced(config, artifact, layout.num_blocks, cache_anchor_blocks(model.config, layout.num_blocks))
+    kept_middle = [i for i in middle if i not in replaced]
+    if replaced:
+        check_block_output(model, layout, replaced[0])
+    block_map = list(range(layout.num_blocks))  # every position keeps its block, a harmonizer or the (compressed) original
+    reduced = build_reduced_model(model, layout, block_map)
+
+    structure: dict[str, dict] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    low_rank = dense_truncated = 0
+    spec = {"rank": artifact.rank, "activation": artifact.activation}
+    dtype = next(reduced.parameters()).dtype
+    for i in replaced:
+        path = f"{layout.blocks}.{i}"
+        structure[path] = {"harmonizer": dict(spec)}
+        states[path] = {n: t.to(dtype) for n, t in artifact.harmonizers[i].items()}
+    if config.beta < 1:
+        with torch.no_grad():
+            for i in kept_middle:
+                for path in attention_linear_names(reduced, layout, i):
+                    change, state = _truncate(reduced.get_submodule(path), config.beta)
+                    if change is None:
+                        reduced.get_submodule(path).load_state_dict(state, strict=True)
+                        dense_truncated += 1
+                    else:
+                        structure[path], states[path] = change, state
+                        low_rank += 1
+    apply_structure(reduced, structure)
+    with torch.no_grad():
+        for path, state in states.items():
+            reduced.get_submodule(path).load_state_dict(state, strict=True)
+    reduced.requires_grad_(True)
+    reduced.eval()
+
+    blocks = get_blocks(reduced, layout)
+    middle_now = sum(count_parameters(blocks[i]) for i in middle)
+    original = sum(count_parameters(get_blocks(model, layout)[i]) for i in middle)
+    result = {
+        "replaced_blocks": replaced,
+        "num_replaced": len(replaced),
+        "middle_parameters": middle_now,
+        "original_middle_parameters": original,
+        "middle_fraction": round(middle_now / original, 6),
+        "low_rank_matrices": low_rank,
+        "dense_truncated_matrices": dense_truncated,
+        "artifact_fingerprint": bundle_fingerprint(artifact.manifest),
+    }
+    print(f"[scaleot] alpha {config.alpha}: {len(replaced)} of {len(middle)} middle blocks replaced by rank-{artifact.rank} "
+          f"harmonizers {replaced}; beta {config.beta}: attention rank kept in {len(kept_middle)} blocks "
+          f"({low_rank} low-rank, {dense_truncated} dense truncated); middle {middle_now:,} of {original:,} parameters "
+          f"({100 * result['middle_fraction']:.1f}%)", flush=True)
+    return Emulator(
+        model=reduced,
+        layout=layout,
+        block_map=block_map,
+        adapter_blocks=adapter,
+        method="scaleot",
+        params=dataclasses.asdict(config) | {"result": result},
+        structure=structure,
+    )
