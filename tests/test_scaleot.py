@@ -4,14 +4,17 @@ and the two-party round trip on a ScaleOT emulator."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from offsite.adapter import load_adapter
 from offsite.bundle import model_fingerprint
 from offsite.emulator import compress_checkpoint, load_emulator, save_emulator
-from offsite.errors import BundleError, ConfigError, UnsupportedModelError
+from offsite.errors import BundleError, ConfigError, OffsiteError, UnsupportedModelError
 from offsite.methods import build_emulator, make_config
 from offsite.methods.scaleot import (
     ImportanceConfig,
@@ -386,6 +389,7 @@ def _one_kept(structure):
         (lambda s: s | {_one_replaced(s): {"harmonizer": {"rank": 33}}}, "integer in"),
         (lambda s: s | {_one_replaced(s): {"harmonizer": {"rank": True}}}, "integer in"),
         (lambda s: s | {_one_replaced(s): {"harmonizer": {"rank": 4, "activation": "tanh"}}}, "must be one of"),
+        (lambda s: s | {_one_replaced(s): {"harmonizer": {"rank": 4, "activation": ["relu"]}}}, "must be one of"),
         (lambda s: s | {_one_replaced(s): {"harmonizer": {"rank": 4, "bias": False}}}, "expected"),
         (lambda s: s | {_one_replaced(s): {"harmonizer": 4}}, "expected"),
         (lambda s: s | {_one_replaced(s): {"harmonizer": {"rank": 4}, "low_rank": 2}}, "stands alone"),
@@ -477,3 +481,37 @@ def test_both_stages_from_the_cli(base_dir, tmp_path, capsys):
                  "--artifact", str(tmp_path / "art"), "--beta", "0"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "beta" in err
+
+
+# Arbitrary JSON where a structure entry or a harmonizer spec goes.
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["rank", "activation", "harmonizer", "low_rank", "x"]) | st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=int(os.environ.get("OFFSITE_FUZZ_EXAMPLES", "60")) // 2 or 1, deadline=None,
+          derandomize=bool(os.environ.get("CI")), suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(where=st.sampled_from(["entry", "spec", "new"]), value=JSON, index=st.integers(0, 20))
+def test_fuzzed_harmonizer_declarations_fail_cleanly(scaleot_bundle, where, value, index):
+    """Whatever a hostile manifest declares, loading ends in success or one OffsiteError."""
+    from conftest import FUZZ_CASES
+
+    emu, path = scaleot_bundle
+    structure = json.loads(json.dumps(emu.structure))
+    target = _one_replaced(structure)
+    if where == "entry":
+        structure[target] = value
+    elif where == "spec":
+        structure[target] = {"harmonizer": value}
+    else:
+        structure[f"model.layers.{index}"] = value
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["structure"] = structure
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        load_emulator(path)
+        FUZZ_CASES["scaleot structure: loaded"] += 1
+    except OffsiteError:
+        FUZZ_CASES["scaleot structure: rejected"] += 1

@@ -168,7 +168,7 @@ def _check_harmonizer(change: dict, is_block: bool, hidden_size: int | None, mod
         fail("declares a harmonizer, but the model's config has no hidden_size")
     if type(spec["rank"]) is not int or not 1 <= spec["rank"] <= hidden_size:
         fail(f"sets harmonizer rank={spec['rank']!r:.40}; it must be an integer in [1, {hidden_size}]")
-    if spec.get("activation", "relu") not in ACTIVATIONS:
+    if not isinstance(spec.get("activation", "relu"), str) or spec.get("activation", "relu") not in ACTIVATIONS:
         fail(f"sets harmonizer activation={spec['activation']!r:.40}; it must be one of {sorted(ACTIVATIONS)}")
 
 
