@@ -179,7 +179,7 @@ def load_adapter(bundle_dir: str | Path, trusted_key=None) -> AdapterBundle:
         or not all(type(i) is int for i in spec["blocks"])
         or len(set(spec["blocks"])) != len(spec["blocks"])
         or not isinstance(spec.get("dtypes"), list)
-        or not all(d in DTYPES for d in spec["dtypes"])
+        or not all(isinstance(d, str) and d in DTYPES for d in spec["dtypes"])
         or not isinstance(manifest.get("base"), dict)
         or not isinstance(manifest["base"].get("fingerprint"), str)
         or not isinstance(manifest.get("emulator"), dict)
