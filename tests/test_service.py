@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import schemathesis
 import torch
@@ -36,14 +37,12 @@ from offsite.emulator import compress_checkpoint, load_checkpoint
 from offsite.evaluation import score_multiple_choice
 from offsite.methods import make_config
 from offsite.plugin import plug_in
-from offsite.service.client import Client
+from offsite.service.client import Client, RemoteOwner
 from offsite.service.config import ServeConfig
 from offsite.service.errors import RemoteError
-from offsite.service.representations import last_block_representations
 from offsite.service.server import ServerThread
 from offsite.service.store import Store
 from offsite.signing import generate_keypair
-from offsite.surgery import discover_layout
 from offsite.tasks import MCDoc
 from offsite.training import FinetuneConfig, finetune
 from tiny import save_tiny_checkpoint
@@ -481,42 +480,35 @@ def test_store_recovers_interrupted_jobs(world, tmp_path):
 
 
 # ---------------------------------------------------------------- representations (PEMA)
-def test_representations_endpoint(world, server):
+def test_pema_representations_over_http(world, server, tmp_path):
+    """PEMA's data owner works against the service exactly as against an in-process owner."""
+    from offsite.pema.memory import KEYS, VALUES, MemoryConfig, build_memory
+    from offsite.pema.owner import RepresentationRequest, RepresentationServer
+
     client = Client(server.url, token(server, "noah"))
-    prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
-    answer = client.representations(prompts, top_k=4, positions="all")
-    assert answer["hidden_size"] == 32 and [len(item["hidden"]) for item in answer["items"]] == [5, 3]
+    remote = RemoteOwner(client)
+    model, tokenizer = load_checkpoint(world["base"])
+    local = RepresentationServer(model)
+    assert remote.info() == local.info()
 
-    model, _ = load_checkpoint(world["base"])
-    layout = discover_layout(model)
-    for prompt, item in zip(prompts, answer["items"]):
-        with torch.no_grad():
-            out = model(torch.tensor([prompt]), output_hidden_states=True)
-        hidden = torch.tensor(item["hidden"])
-        # The reported state is the final norm's input: norm + head on it reproduce the model's logits.
-        logits = model.get_output_embeddings()(model.get_submodule(layout.norm)(hidden))
-        torch.testing.assert_close(logits, out.logits[0], rtol=1e-4, atol=1e-4)
-        top = torch.log_softmax(out.logits[0], -1).topk(4)
-        assert item["top_ids"] == top.indices.tolist()
-        torch.testing.assert_close(torch.tensor(item["top_logprobs"]), top.values, rtol=1e-4, atol=1e-5)
-    last = client.representations(prompts, top_k=4)
-    assert [item["hidden"] for item in last["items"]] == [item["hidden"][-1:] for item in answer["items"]]
-    with pytest.raises(RemoteError, match="outside the vocabulary") as error:
-        client.representations([[1, 10_000]])
-    assert error.value.status == 422
+    request = RepresentationRequest([[1, 40, 41, 42, 43], [1, 50, 51]], forced=[[44, 45], []], greedy_steps=[1, 3], log_probs=4)
+    there, here = remote.represent(request), local.represent(request)
+    assert there.extension == here.extension and [r.shape for r in there.representations] == [(4, 32), (4, 32)]
+    for name in ("representations", "log_probs", "top_tokens"):
+        for a, b in zip(getattr(there, name), getattr(here, name)):
+            assert np.array_equal(a, b), name  # JSON carries float32 values exactly
 
+    examples = EXAMPLES[:6]
+    build_memory(remote, tokenizer, examples, tmp_path / "remote", MemoryConfig(batch_size=4), progress=False)
+    build_memory(local, tokenizer, examples, tmp_path / "local", MemoryConfig(batch_size=4), progress=False)
+    for name in (KEYS, VALUES):
+        assert np.array_equal(np.load(tmp_path / "remote" / name), np.load(tmp_path / "local" / name)), name
 
-def test_representations_match_single_prompts():
-    from tiny import tiny_model
-
-    for family in ("gpt2", "opt", "gemma3"):
-        model = tiny_model(family)
-        prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
-        batched = last_block_representations(model, prompts, top_k=3, positions="all")
-        for prompt, result in zip(prompts, batched):
-            alone = last_block_representations(model, [prompt], top_k=3, positions="all")[0]
-            torch.testing.assert_close(result["hidden"], alone["hidden"], rtol=1e-4, atol=1e-5)
-            assert torch.equal(result["top_ids"], alone["top_ids"])
+    for bad, reason in [({"prompts": [[1, 10_000]]}, "token ids"), ({"prompts": [[1, 2]], "forced": [[3], [4]]}, "one token list per prompt"),
+                        ({"prompts": [[1]] * 65}, "prompts"), ({"prompts": [[1]], "log_probs": None}, "log_probs")]:
+        with pytest.raises(RemoteError, match=reason) as error:
+            client._json("POST", "/v1/representations", bad)
+        assert error.value.status == 422, bad
 
 
 # ---------------------------------------------------------------- load

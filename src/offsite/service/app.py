@@ -28,16 +28,13 @@ from .config import ServeConfig
 from .errors import ServiceError
 from .jobs import JobSettings, Worker
 from .published import Catalog, RangeNotSatisfiable, find_member, open_regular, parse_range
-from .representations import RepresentationSource
+from .representations import HTTP_LIMITS, MAX_TOP_K, RepresentationSource
 from .store import Job, Owner, Store, StoreClosed, Upload
 from .uploads import ARCHIVE_TYPE, SizeLimitedWriter, accept_upload
 
 log = logging.getLogger("offsite.service")
 
 MAX_JOB_DOCS = 10_000
-MAX_PROMPTS = 64
-MAX_PROMPT_TOKENS = 4096
-MAX_QUERY_TOKENS = 16_384
 _CHUNK = 1 << 20
 
 
@@ -151,28 +148,38 @@ class JobInfo(BaseModel):
 
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+Steps = Annotated[int, Field(ge=0, le=HTTP_LIMITS.max_steps)]
 
 
-class RepresentationRequest(BaseModel):
+class RepresentationQuery(BaseModel):
+    """PEMA's representation request (`offsite.pema.owner.RepresentationRequest`): row j of
+    prompt i's answer is the context prompt_i + extension_i[:j], the extension being `forced`
+    tokens, then `greedy_steps` of the model's own greedy tokens."""
+
     model_config = ConfigDict(extra="forbid")
-    input_ids: list[Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]] = Field(
-        min_length=1, max_length=MAX_PROMPTS
+    prompts: list[Annotated[list[TokenId], Field(min_length=1, max_length=HTTP_LIMITS.max_tokens)]] = Field(
+        min_length=1, max_length=HTTP_LIMITS.max_prompts
     )
-    top_k: int = Field(10, ge=1, le=100)
-    positions: Literal["last", "all"] = "last"
+    forced: list[Annotated[list[TokenId], Field(max_length=HTTP_LIMITS.max_tokens)]] | None = Field(None, max_length=HTTP_LIMITS.max_prompts)
+    greedy_steps: Steps | Annotated[list[Steps], Field(max_length=HTTP_LIMITS.max_prompts)] = 0
+    log_probs: int = Field(0, ge=0, le=MAX_TOP_K)  # 0: none; k: the k most likely next tokens per row
 
 
-class Representation(BaseModel):
-    hidden: list[list[float]]  # positions x hidden_size: the input of the final norm
-    top_ids: list[list[int]]  # positions x top_k: most likely next tokens
-    top_logprobs: list[list[float]]
+class RepresentationAnswer(BaseModel):
+    """`RepresentationResponse.to_dict()`: per prompt, rows x hidden_size representations (the
+    input of the final norm), the extension tokens, and with log_probs > 0 rows x k log-probabilities and token ids."""
+
+    representations: list[list[list[float]]]
+    extension: list[list[int]]
+    log_probs: list[list[list[float]]] | None = None
+    top_tokens: list[list[list[int]]] | None = None
 
 
-class RepresentationResponse(BaseModel):
-    model: str
+class OwnerInfo(BaseModel):
+    base_fingerprint: str
+    model_type: str
     hidden_size: int
-    positions: Literal["last", "all"]
-    items: list[Representation]
+    vocab_size: int
 
 
 _REASONS = {
@@ -438,14 +445,17 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(store.read_report(job.id))
 
     # -------------------------------------------------------- representations (PEMA)
-    @app.post("/v1/representations", response_model=RepresentationResponse, responses=errors(400, 401, 422, 503), tags=["representations"])
-    def representations(request: RepresentationRequest, owner: Owner = Depends(current_owner)) -> RepresentationResponse:
-        """For each prompt (token ids of the owner's tokenizer): the hidden state entering the
-        final norm and the top-k next-token log-probabilities, at the last or every position."""
+    @app.get("/v1/representations/info", response_model=OwnerInfo, responses=errors(401, 503), tags=["representations"])
+    def owner_info(owner: Owner = Depends(current_owner)) -> OwnerInfo:
+        """Which model answers representation queries (a PEMA head bundle checks it)."""
         require_model()
-        total = sum(len(p) for p in request.input_ids)
-        if total > MAX_QUERY_TOKENS:
-            raise ServiceError(422, f"query holds {total} tokens; at most {MAX_QUERY_TOKENS} per request")
-        return RepresentationResponse(**service.representations.compute(request.input_ids, request.top_k, request.positions))
+        return OwnerInfo(**service.representations.info())
+
+    @app.post("/v1/representations", response_model=RepresentationAnswer, responses=errors(400, 401, 422, 503), tags=["representations"])
+    def representations(query: RepresentationQuery, owner: Owner = Depends(current_owner)) -> JSONResponse:
+        """Context representations f(c) of the owner's model (and top-k next-token
+        log-probabilities) for token-id prompts of the owner's tokenizer; no weights leave."""
+        require_model()
+        return JSONResponse(service.representations.represent(query.model_dump()))
 
     return app

@@ -152,8 +152,14 @@ class Client:
                 return status
             time.sleep(poll)
 
-    def representations(self, input_ids: list[list[int]], top_k: int = 10, positions: str = "last") -> dict:
-        return self._json("POST", "/v1/representations", {"input_ids": input_ids, "top_k": top_k, "positions": positions})
+    def owner_info(self) -> dict:
+        return self._json("GET", "/v1/representations/info")
+
+    def representations(self, prompts: list[list[int]], forced: list[list[int]] | None = None,
+                        greedy_steps: int | list[int] = 0, log_probs: int = 0) -> dict:
+        """PEMA's representation query (see `offsite.pema.owner.RepresentationRequest`), as JSON."""
+        return self._json("POST", "/v1/representations",
+                          {"prompts": prompts, "forced": forced, "greedy_steps": greedy_steps, "log_probs": log_probs})
 
     def upload(self, adapter_dir: str | Path) -> dict:
         """Send an adapter bundle; the server's record of it, checked to be the bundle sent."""
@@ -233,6 +239,22 @@ class Client:
         if sha256_file(dest) != sha:
             dest.unlink()
             raise BundleError(f"downloaded {rel} does not match its SHA-256 in the manifest; removed it, run again to fetch it anew")
+
+
+class RemoteOwner:
+    """`offsite.pema`'s owner interface (`represent`, `info`) over HTTP: pass it wherever PEMA
+    takes a RepresentationServer (`build_memory`, `generate_ids` through a StatelessSession)."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def info(self) -> dict:
+        return self.client.owner_info()
+
+    def represent(self, request):
+        from ..pema.owner import RepresentationResponse
+
+        return RepresentationResponse.from_dict(self.client._json("POST", "/v1/representations", request.to_dict()))
 
 
 def _quote(part: str) -> str:

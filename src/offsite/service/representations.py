@@ -1,102 +1,67 @@
-"""Representation queries for PEMA: the owner's model answers, its weights never leave.
+"""Representation queries (PEMA) over HTTP: a thin adapter around `offsite.pema.owner`.
 
-For a prompt, PEMA's data owner needs the context representation f(c), the hidden state
-that enters the final norm (the last block's output), and the model's next-token
-distribution. `last_block_representations` computes both for a batch of token-id prompts.
-`RepresentationSource` is what the service's endpoint calls: it loads the owner's model once,
-checks the request against it and runs one query at a time. It is a thin seam: when PEMA's
-owner-side API exists, `RepresentationSource.compute` is the one place to call it from.
+PEMA's data owner never receives a transformer block: for its prompts the owner answers the
+context representations f(c) (the hidden state entering the final norm) and, optionally,
+top-k next-token log-probabilities, also for the prompt extended by given tokens or by the
+model's own greedy predictions. `offsite.pema.owner.RepresentationServer` computes that
+in-process; `RepresentationSource` is what the service's endpoint calls: it loads the owner's
+model once, bounds what one request may cost (prompts, tokens, greedy steps, and the size of
+the answer), and serialises queries. On the data owner's side `client.RemoteOwner` offers the
+same `represent`/`info` over HTTP, so PEMA's memory building and generation run unchanged
+against a remote owner.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-
-from ..evaluation import _max_length
-from ..surgery import discover_layout
+from ..pema.owner import RepresentationRequest, RepresentationServer, ServerLimits
 from .errors import ServiceError
 
-POSITIONS = ("last", "all")
-
-
-@torch.no_grad()
-def last_block_representations(model, prompts: Sequence[Sequence[int]], top_k: int = 10, positions: str = "last") -> list[dict]:
-    """Per prompt: `hidden` (P x d float32, the input of the final norm), `top_ids` and
-    `top_logprobs` (P x k, the k most likely next tokens after each position), for the last
-    position (P = 1) or every position (P = prompt length).
-
-    The hidden state is captured by a forward pre-hook on the final norm found by
-    `discover_layout` (a hook on the last block's output where a model has no final norm).
-    Prompts are right-padded with an attention mask, so each result equals running that
-    prompt alone.
-    """
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    layout = discover_layout(model)
-    captured: list[torch.Tensor] = []
-    if layout.norm is not None:
-        def grab(module, args, kwargs):
-            captured.append(args[0] if args else next(iter(kwargs.values())))
-
-        handle = model.get_submodule(layout.norm).register_forward_pre_hook(grab, with_kwargs=True)
-    else:
-        def grab(module, args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-
-        handle = model.get_submodule(layout.blocks)[-1].register_forward_hook(grab)
-    device = next(model.parameters()).device
-    lengths = [len(p) for p in prompts]
-    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
-        mask[row, : len(prompt)] = 1
-    try:
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"expected one pass through the final norm, saw {len(captured)}")
-    hidden = captured[0]
-    out = []
-    for row, n in enumerate(lengths):
-        span = slice(n - 1, n) if positions == "last" else slice(0, n)
-        logprobs = F.log_softmax(logits[row, span].float(), dim=-1)
-        top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-        out.append({"hidden": hidden[row, span].float().cpu(), "top_ids": top.indices.cpu(), "top_logprobs": top.values.cpu()})
-    return out
+# What one HTTP request may ask for: PEMA builds memories in batches of 8 prompts of at most
+# 512 + 64 tokens, far inside these bounds.
+HTTP_LIMITS = ServerLimits(max_prompts=64, max_tokens=4096, max_steps=256)
+MAX_TOP_K = 100
+MAX_ANSWER_FLOATS = 4_000_000  # representation values in one answer (about 40 MB of JSON)
 
 
 class RepresentationSource:
-    """The owner's model, loaded on first use, answering representation queries one at a time."""
+    """The owner's model behind `offsite.pema`'s RepresentationServer, loaded on first use."""
 
-    def __init__(self, load_model: Callable[[], tuple[object, str]]):
+    def __init__(self, load_model: Callable[[], tuple[object, str]], limits: ServerLimits = HTTP_LIMITS):
         self._load_model = load_model  # -> (model on its device, display name)
-        self._model = None
-        self._name = ""
+        self._limits = limits
+        self._server: RepresentationServer | None = None
         self._lock = threading.Lock()
 
-    def compute(self, prompts: list[list[int]], top_k: int, positions: str) -> dict:
+    def _ready(self) -> RepresentationServer:
+        if self._server is None:
+            model, _ = self._load_model()
+            self._server = RepresentationServer(model, self._limits)
+        return self._server
+
+    def info(self) -> dict:
+        """Base-model fingerprint, model type, hidden and vocabulary size (a PEMA head checks them)."""
         with self._lock:
-            if self._model is None:
-                self._model, self._name = self._load_model()
-            model = self._model
-            vocab = model.get_input_embeddings().num_embeddings
-            limit = _max_length(model)
-            for i, prompt in enumerate(prompts):
-                bad = next((t for t in prompt if not 0 <= t < vocab), None)
-                if bad is not None:
-                    raise ServiceError(422, f"prompt {i} holds token id {bad}, outside the vocabulary of {vocab}")
-                if limit and len(prompt) > limit:
-                    raise ServiceError(422, f"prompt {i} has {len(prompt)} tokens; the model takes at most {limit}")
-            results = last_block_representations(model, prompts, top_k, positions)
-        return {
-            "model": self._name,
-            "hidden_size": int(results[0]["hidden"].shape[-1]),
-            "positions": positions,
-            "items": [{key: value.tolist() for key, value in r.items()} for r in results],
-        }
+            return self._ready().info()
+
+    def represent(self, body: dict) -> dict:
+        """Answer one request in PEMA's JSON form (`RepresentationRequest.to_dict`) with
+        `RepresentationResponse.to_dict`; malformed or too costly requests raise (422)."""
+        request = RepresentationRequest.from_dict(body)
+        with self._lock:
+            server = self._ready()
+            rows = _answer_rows(request)
+            if rows * server.hidden_size > MAX_ANSWER_FLOATS:
+                raise ServiceError(422, f"the answer would hold {rows} representations of size {server.hidden_size}, "
+                                        f"over {MAX_ANSWER_FLOATS:,} values; split the request")
+            return server.represent(request).to_dict()
+
+
+def _answer_rows(request: RepresentationRequest) -> int:
+    """Representations the answer holds: per prompt, 1 + forced tokens + greedy steps."""
+    n = len(request.prompts)
+    forced = request.forced or [[] for _ in range(n)]
+    steps = request.greedy_steps if isinstance(request.greedy_steps, list) else [request.greedy_steps] * n
+    return sum(1 + len(f) + s for f, s in zip(forced, steps))
