@@ -66,7 +66,8 @@ def main() -> None:
         )
         data = run_report(config)
         sections.append((name, data))
-        notes.append(describe(name, config, data, time.perf_counter() - start))
+        notes.append(describe(name, config, data))
+        print(f"{name}: {(time.perf_counter() - start) / 60:.0f} min")
 
     header = (
         f"Model {args.model}; every emulator keeps {HALF:.0%} of the middle parameters; adapter 2+2 full blocks; lr {args.lr}, "
@@ -82,7 +83,7 @@ def main() -> None:
         update_readme("emulator-methods", table)
 
 
-def describe(name: str, config: ReportConfig, data: dict, seconds: float) -> str:
+def describe(name: str, config: ReportConfig, data: dict) -> str:
     """One line per variant: emulator size and perplexity, plus what compression/distillation recorded."""
     out = Path(config.out)
     manifest = json.loads((out / ("emulator-distilled" if config.distill else "emulator") / "manifest.json").read_text())
@@ -95,7 +96,6 @@ def describe(name: str, config: ReportConfig, data: dict, seconds: float) -> str
     if distilled:
         parts.append(f"distilled {distilled['steps']} steps ({distilled['train_tokens']:,} tokens), kept step "
                      f"{distilled['selected_step']} (held-out perplexity {distilled['selected_perplexity']:,.1f})")
-    parts.append(f"this run {seconds / 60:.0f} min")
     return "; ".join(parts)
 
 

@@ -35,8 +35,8 @@ def update_readme(marker: str, text: str) -> None:
     """Replace what lies between `<!-- marker:start -->` and `<!-- marker:end -->` in README.md."""
     readme = ROOT / "README.md"
     content = readme.read_text()
-    pattern = re.compile(rf"(<!-- {re.escape(marker)}:start -->\n).*?(\n<!-- {re.escape(marker)}:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {re.escape(marker)}:start -->\n).*?(<!-- {re.escape(marker)}:end -->)", re.S)
     if not pattern.search(content):
         raise SystemExit(f"README.md has no <!-- {marker}:start/end --> markers")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), content))
+    readme.write_text(pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), content))
     print(f"updated {readme}")
