@@ -115,7 +115,7 @@ class KDLoss:
             mask = batch["attention_mask"].unsqueeze(-1).to(t.dtype)
             kd = ((t - s) ** 2 * mask).sum() / ((t**2) * mask).sum().clamp_min(1e-12)
             loss = loss + self.config.kd_weight * kd
-        self.last = {"lm": float(lm), "kd": float(kd)}
+        self.last = {"lm": float(lm.detach()), "kd": float(kd.detach())}
         return loss
 
     def close(self):
