@@ -45,6 +45,14 @@ def base_dir(tmp_path):
     return path
 
 
+def edit_manifest(bundle_dir: Path, change) -> None:
+    """Apply `change(manifest)` to a bundle's manifest.json in place (a test tampering on purpose)."""
+    path = Path(bundle_dir) / MANIFEST
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
 def rehash(bundle_dir: Path) -> None:
     """Rewrite a bundle manifest's file table after a test edits files on purpose, as an attacker
     who controls the manifest would, so the check under test (not the hash check) is the one
@@ -62,4 +70,4 @@ def rehash(bundle_dir: Path) -> None:
     path.write_text(json.dumps(manifest))
 
 
-__all__ = ["FAMILIES", "tiny_model", "tiny_tokenizer", "save_tiny_checkpoint", "rehash"]
+__all__ = ["FAMILIES", "tiny_model", "tiny_tokenizer", "save_tiny_checkpoint", "rehash", "edit_manifest"]

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from offsite import bundle as bundle_module
 from offsite.bundle import MANIFEST, Limits, read_manifest, safetensors_header, write_bundle
 from offsite.errors import BundleError
-from conftest import rehash
+from conftest import edit_manifest, rehash
 
 
 def make(tmp_path, name="b", files=None):
@@ -68,12 +68,6 @@ def test_corruption_is_named(tmp_path, corrupt, match):
     corrupt(bundle)
     with pytest.raises(BundleError, match=match):
         read_manifest(bundle)
-
-
-def edit_manifest(bundle, change) -> None:
-    manifest = json.loads((bundle / MANIFEST).read_text())
-    change(manifest)
-    (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "a/../../x"])

@@ -25,6 +25,7 @@ from offsite.plugin import plug_in, plug_into_emulator
 from offsite.structure import LowRankLinear, apply_structure, dense_weight
 from offsite.surgery import discover_layout, get_blocks
 from offsite.training import FinetuneConfig, causal_lm_loss, finetune
+from conftest import edit_manifest
 from tiny import VOCAB, tiny_model
 
 SMALL = dict(support_size=8, support_max_length=24, support_batch_size=4)
@@ -300,9 +301,7 @@ def test_bundle_declares_the_structure_and_is_smaller(gradot_bundle, tmp_path, t
 )
 def test_declared_structure_is_validated_strictly(gradot_bundle, edit, message):
     _, emu, path = gradot_bundle
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["structure"] = edit(emu.structure)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(path, lambda m: m.__setitem__("structure", edit(emu.structure)))
     with pytest.raises(BundleError, match=message):
         load_emulator(path)
 

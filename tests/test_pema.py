@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import rehash
+from conftest import edit_manifest, rehash
 from safetensors.torch import load_file, save_file
 from tiny import FAMILIES, tiny_model
 
@@ -169,19 +169,14 @@ def test_corrupt_or_foreign_head_bundles_are_one_line_errors(llama, tokenizer, h
     fails(extra, "unexpected \\['model.layers.0")
 
     shapes = copy("shapes")
-    manifest = json.loads((shapes / "manifest.json").read_text())
-    manifest["head"]["vocab_size"] = 999
-    (shapes / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(shapes, lambda m: m["head"].__setitem__("vocab_size", 999))
     fails(shapes, "wrong shape \\['lm_head.weight'\\]")
-    manifest["head"]["norm"] = {"type": "batchnorm"}
-    (shapes / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(shapes, lambda m: m["head"].__setitem__("norm", {"type": "batchnorm"}))
     fails(shapes, "malformed 'head' section")
 
     fails(tmp_path / "missing", "bundle not found")
     adapter_kind = copy("kind")
-    manifest = json.loads((adapter_kind / "manifest.json").read_text())
-    manifest["kind"] = "adapter"
-    (adapter_kind / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(adapter_kind, lambda m: m.__setitem__("kind", "adapter"))
     fails(adapter_kind, "expected an pema-head bundle, got an adapter bundle")
 
 

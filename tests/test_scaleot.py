@@ -32,6 +32,7 @@ from offsite.plugin import plug_in, plug_into_emulator
 from offsite.structure import Harmonizer, LowRankLinear, dense_weight, linear_shape
 from offsite.surgery import attention_linear_names, build_reduced_model, discover_layout, get_blocks
 from offsite.training import FinetuneConfig, finetune
+from conftest import edit_manifest
 from tiny import FAMILIES, VOCAB, save_tiny_checkpoint, tiny_model
 
 TEXTS = [f"Passage {i}: the quick brown fox jumps over the lazy dog while science asks questions." for i in range(60)]
@@ -292,9 +293,7 @@ def test_artifact_is_verified(artifacts, tmp_path):
         build_emulator(base, "scaleot", scaleot(art, num_bottom=1))
     copy = tmp_path / "art"
     shutil.copytree(art, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["scaleot"]["importance"][0]["logit"] = "high"
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(copy, lambda m: m["scaleot"]["importance"][0].__setitem__("logit", "high"))
     with pytest.raises(BundleError, match="malformed"):
         load_artifact(copy)
     shutil.rmtree(copy)
@@ -404,9 +403,7 @@ def _one_kept(structure):
 )
 def test_declared_harmonizers_are_validated_strictly(scaleot_bundle, edit, message):
     emu, path = scaleot_bundle
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["structure"] = edit(emu.structure)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(path, lambda m: m.__setitem__("structure", edit(emu.structure)))
     with pytest.raises(BundleError, match=message):
         load_emulator(path)
 
@@ -507,9 +504,7 @@ def test_fuzzed_harmonizer_declarations_fail_cleanly(scaleot_bundle, where, valu
         structure[target] = {"harmonizer": value}
     else:
         structure[f"model.layers.{index}"] = value
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["structure"] = structure
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(path, lambda m: m.__setitem__("structure", structure))
     try:
         load_emulator(path)
         FUZZ_CASES["scaleot structure: loaded"] += 1
