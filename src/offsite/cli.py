@@ -247,7 +247,7 @@ def cmd_inspect(opts: dict) -> None:
 def cmd_evaluate(opts: dict) -> None:
     """Score one model (a checkpoint, or an emulator bundle, optionally with an adapter)."""
     from .evaluation import perplexity, score_multiple_choice
-    from .report import resolve_device
+    from .models import resolve_device
     from .tasks import load_eval_docs, load_plain_text
 
     model_arg, bundle, adapter = take(opts, "model", None), take(opts, "bundle", None), take(opts, "adapter", None)

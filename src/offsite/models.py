@@ -1,8 +1,11 @@
-"""Resolve what the user calls a model: a local HF checkpoint directory, or a bundled asset name."""
+"""Resolve what the user names: a model (a local HF checkpoint directory, or a bundled asset name)
+and a device ("auto" or a torch device string)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from .errors import ConfigError
 
@@ -19,3 +22,10 @@ def resolve_model(name_or_path: str) -> tuple[Path, str]:
     raise ConfigError(
         f"model {name_or_path!r} is neither a checkpoint directory nor a known asset ({', '.join(sorted(assets.ASSETS))})"
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": the GPU when there is one, else the CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

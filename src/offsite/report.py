@@ -15,14 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .bundle import model_fingerprint, read_manifest
 from .distill import DistillConfig, distill
 from .emulator import load_checkpoint, load_emulator, save_emulator
 from .errors import ConfigError
 from .methods import build_emulator, make_config
-from .models import resolve_model
+from .models import resolve_device, resolve_model
 from .plugin import plug_in, plug_into_emulator
 from .privacy import gap_closed, heal, verbatim_fraction
 from .training import FinetuneConfig, finetune, pad_token_id, tokenize_examples, train
@@ -321,12 +319,6 @@ def plot(data: dict, path: Path) -> Path | None:
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def demo_config(**overrides) -> ReportConfig:

@@ -53,6 +53,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import BundleError, ConfigError, UnsupportedModelError
+from ..models import resolve_device
 from ..structure import (
     ACTIVATIONS,
     TUPLE_OUTPUT_BLOCKS,
@@ -246,12 +247,6 @@ def new_harmonizers(model: PreTrainedModel, layout: BlockLayout, blocks: list[in
                                              dtype=parameter.dtype, device=parameter.device) for i in blocks})
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _use_bf16(config: ImportanceConfig, device: torch.device) -> bool:
     if config.mixed_precision == "no" or device.type != "cuda":
         return False
@@ -310,7 +305,7 @@ def estimate_importance(
     identity = _run_identity(config, fingerprint)
     train_set, heldout_set = split_features(tokenizer, texts if texts is not None else importance_texts(config), config)
 
-    device = _device(config.device)
+    device = resolve_device(config.device)
     home = next(model.parameters()).device
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training

@@ -22,7 +22,7 @@ def _server(opts: dict):
     """The owner's representation server on --model (in-process), on --device."""
     from ..emulator import load_checkpoint
     from ..models import resolve_model
-    from ..report import resolve_device
+    from ..models import resolve_device
     from .owner import RepresentationServer
 
     path, _ = resolve_model(take(opts, "model"))

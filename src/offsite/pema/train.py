@@ -117,7 +117,7 @@ def _batch(memory: ExternalMemory, rows: np.ndarray, device) -> tuple[torch.Tens
 def train_pema(memory: ExternalMemory, head: LoadedHead, config: PemaConfig | None = None,
                progress: bool = True) -> tuple[PemaAdapter, dict]:
     """Both phases on `memory`; returns the adapter (best weights of each phase) and metrics."""
-    from ..report import resolve_device
+    from ..models import resolve_device
 
     config = config or PemaConfig()
     check_compatible(memory, head)

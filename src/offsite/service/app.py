@@ -66,7 +66,7 @@ class Service:
 
     def _load_model(self):
         from ..emulator import load_checkpoint
-        from ..report import resolve_device
+        from ..models import resolve_device
 
         model, _ = load_checkpoint(self.settings.model_path)
         return model.to(resolve_device(self.settings.device)), self.settings.model_name

@@ -51,7 +51,7 @@ def job_docs(request: dict) -> list[MCDoc]:
 def run_job(job: Job, store: Store, settings: JobSettings) -> dict:
     """Plug the job's adapter into the owner's model and score it; the report (raises OffsiteError)."""
     from ..evaluation import score_multiple_choice
-    from ..report import resolve_device
+    from ..models import resolve_device
 
     start = time.perf_counter()
     upload = store.get_upload(job.owner, job.upload_id)
