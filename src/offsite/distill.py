@@ -23,6 +23,7 @@ from .bundle import model_fingerprint
 from .emulator import load_checkpoint, load_emulator, save_emulator
 from .errors import ConfigError
 from .methods import Emulator
+from .models import resolve_device
 from .surgery import discover_layout, get_blocks
 from .training import FinetuneConfig, causal_lm_loss, pad_token_id, train
 
@@ -150,7 +151,7 @@ def distill(
     if fingerprint != emulator.manifest["base"]["fingerprint"]:
         raise ConfigError(f"{emulator_dir} was not made from the model at {base_path}")
     base.requires_grad_(False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     base.to(device)
 
     middle = [i for i in range(len(emulator.block_map)) if i not in emulator.trainable]
