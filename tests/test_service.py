@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from offsite.adapter import FULL_WEIGHTS, load_adapter
 from offsite.bundle import MANIFEST, bundle_fingerprint, read_manifest, write_bundle
 from offsite.cli import main
-from offsite.data import Example
+from offsite.data import Example, save_examples
 from offsite.emulator import compress_checkpoint, load_checkpoint
 from offsite.evaluation import score_multiple_choice
 from offsite.methods import make_config
@@ -509,6 +509,39 @@ def test_pema_representations_over_http(world, server, tmp_path):
         with pytest.raises(RemoteError, match=reason) as error:
             client._json("POST", "/v1/representations", bad)
         assert error.value.status == 422, bad
+
+
+def test_pema_commands_ask_the_service_with_url_and_token(world, server, tmp_path, capsys, monkeypatch):
+    """`pema-memory` and `pema-generate` with --url/--token give what the in-process owner gives."""
+    from offsite.cli import main
+
+    data = tmp_path / "train.jsonl"
+    save_examples(EXAMPLES[:6], data)
+    assert main(["pema-head", "--model", str(world["base"]), "--out", str(tmp_path / "head")]) == 0
+    secret = token(server, "pia")
+    common = ["--head", str(tmp_path / "head"), "--data", str(data)]
+    assert main(["pema-memory", *common, "--out", str(tmp_path / "remote"), "--url", server.url, "--token", secret, "--batch-size", "4"]) == 0
+    assert main(["pema-memory", *common, "--out", str(tmp_path / "local"), "--model", str(world["base"]), "--batch-size", "4"]) == 0
+    for name in ("keys.npy", "values.npy"):
+        assert np.array_equal(np.load(tmp_path / "remote" / name), np.load(tmp_path / "local" / name)), name
+
+    monkeypatch.setenv("OFFSITE_URL", server.url)
+    monkeypatch.setenv("OFFSITE_TOKEN", secret)
+    generate = ["pema-generate", *common, "--max-new-tokens", "3"]
+    assert main([*generate, "--out", str(tmp_path / "remote.jsonl")]) == 0  # from the environment
+    assert main([*generate, "--out", str(tmp_path / "local.jsonl"), "--model", str(world["base"])]) == 0
+    assert (tmp_path / "remote.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+    capsys.readouterr()
+
+    monkeypatch.delenv("OFFSITE_URL")
+    for extra, message in [([], "no owner to ask for representations"), (["--url", server.url, "--model", str(world["base"])], "not both"),
+                           (["--model", str(world["base"]), "--token", secret], "--token goes with --url"),
+                           (["--url", server.url, "--device", "cpu"], "--device is for an in-process owner")]:
+        assert main([*generate, *extra]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setenv("OFFSITE_TOKEN", "wrong")
+    assert main([*generate, "--url", server.url]) != 0
+    assert "token" in capsys.readouterr().err.lower()
 
 
 # ---------------------------------------------------------------- load

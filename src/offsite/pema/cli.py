@@ -1,14 +1,16 @@
 """The `offsite pema-*` commands (registered by offsite.cli), one small function each.
 
-Until the owner's representation service is reached over the network, the commands that need
-representation queries (`pema-memory`, `pema-generate`) run the owner's `RepresentationServer`
-in-process on `--model`; the data owner's side only ever uses the head bundle.
+The commands that need representation queries (`pema-memory`, `pema-generate`) ask the owner's
+service (`--url`/`--token`, as `offsite remote`; `offsite serve --model` answers them), or, for
+an owner working alone or a test, run the `RepresentationServer` in-process on `--model`. The
+data owner's side only ever uses the head bundle.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..cli import _reject_leftovers, add_dataclass_flags, build_dataclass, split_for, take
@@ -19,13 +21,25 @@ from .train import PemaConfig
 
 
 def _server(opts: dict):
-    """The owner's representation server on --model (in-process), on --device."""
+    """The owner answering representation queries: its service at --url, or --model in-process on --device."""
     from ..emulator import load_checkpoint
-    from ..models import resolve_model
-    from ..models import resolve_device
+    from ..models import resolve_device, resolve_model
     from .owner import RepresentationServer
 
-    path, _ = resolve_model(take(opts, "model"))
+    url, token, model = take(opts, "url", None), take(opts, "token", None), take(opts, "model", None)
+    if url and model:
+        raise ConfigError("give --url (the owner's service) or --model (an in-process owner), not both")
+    if not model:
+        from ..service.client import URL_ENV, Client, RemoteOwner
+
+        if not (url or os.environ.get(URL_ENV)):
+            raise ConfigError(f"no owner to ask for representations: give --url (or set ${URL_ENV}) or --model")
+        if "device" in opts:
+            raise ConfigError("--device is for an in-process owner (--model); the service chooses its own")
+        return RemoteOwner(Client.from_options(url, token))
+    if token:
+        raise ConfigError("--token goes with --url, not with --model")
+    path, _ = resolve_model(model)
     device = resolve_device(take(opts, "device", "auto"))
     model, _ = load_checkpoint(path)
     return RepresentationServer(model.to(device))
@@ -37,7 +51,7 @@ def _examples(opts: dict, split: str):
 
     data, task, limit = take(opts, "data", None), take(opts, "task", None), take(opts, "limit", None)
     if bool(data) == bool(task):
-        raise ConfigError("give exactly one of --data FILE.jsonl or --task sciq")
+        raise ConfigError("give exactly one of --data FILE.jsonl or --task (piqa, sciq)")
     return load_examples(data)[:limit] if data else load_generation_examples(task, split, limit=limit)
 
 
@@ -116,11 +130,13 @@ def add_commands(command) -> None:
     S = argparse.SUPPRESS
 
     def owner_flags(p):
-        p.add_argument("--model", default=S, help="the owner's model, answering representation queries in-process")
-        p.add_argument("--device", default=S, help="auto, cpu, cuda (default: auto)")
+        p.add_argument("--url", default=S, help="the owner's service answering representation queries (default: $OFFSITE_URL)")
+        p.add_argument("--token", default=S, help="your API token for --url (default: $OFFSITE_TOKEN)")
+        p.add_argument("--model", default=S, help="or the owner's model, answering in-process")
+        p.add_argument("--device", default=S, help="with --model: auto, cpu, cuda (default: auto)")
 
     def data_flags(p, split: bool):
-        p.add_argument("--task", default=S, help="a built-in generation task (sciq)")
+        p.add_argument("--task", default=S, help="a built-in generation task (piqa, sciq)")
         p.add_argument("--data", default=S, help="or a JSONL of {context, continuation} records")
         p.add_argument("--limit", type=int, default=S, help="use at most this many examples")
         if split:

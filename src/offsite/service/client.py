@@ -33,7 +33,14 @@ Progress = Callable[[str, int, int], None]  # (file, bytes so far, file size)
 _TRANSIENT = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
 
 
+URL_ENV, TOKEN_ENV = "OFFSITE_URL", "OFFSITE_TOKEN"  # where --url/--token default from
+
 class Client:
+    @classmethod
+    def from_options(cls, url: str | None, token: str | None) -> "Client":
+        """A client for --url/--token, each falling back to $OFFSITE_URL/$OFFSITE_TOKEN."""
+        return cls(url or os.environ.get(URL_ENV, ""), token or os.environ.get(TOKEN_ENV, ""))
+
     def __init__(self, url: str, token: str, timeout: float = 300.0, chunk_size: int = 1 << 20):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from ..cli import _reject_leftovers, split_for, take
 from ..errors import ConfigError
+from .client import TOKEN_ENV, URL_ENV
 from .config import ServeConfig
 
-URL_ENV, TOKEN_ENV = "OFFSITE_URL", "OFFSITE_TOKEN"
 SERVE_INSTALL = "pip install 'offsite[serve]'"
 
 
@@ -89,7 +88,7 @@ def cmd_remote(opts: dict) -> None:
     from .client import Client
 
     action = take(opts, "action")
-    client = Client(take(opts, "url", None) or os.environ.get(URL_ENV, ""), take(opts, "token", None) or os.environ.get(TOKEN_ENV, ""))
+    client = Client.from_options(take(opts, "url", None), take(opts, "token", None))
     try:
         REMOTE_ACTIONS[action](client, opts)
     finally:
