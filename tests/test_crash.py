@@ -65,7 +65,7 @@ elif point == "bundle-manifest":  # half of manifest.json written
             f.write(data[: len(data) // 2])
             f.flush()
         die()
-    b._write_synced = write
+    b.write_synced = write
 elif point == "bundle-rename":  # complete and signed, not yet renamed into place
     import offsite.bundle as b
     b._replace_dir = lambda *a, **k: die()

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, signing
+from .durable import fsync_path, write_synced
 from .errors import BundleError
 
 MANIFEST = "manifest.json"
@@ -222,36 +223,16 @@ def write_bundle(
             "files": _listed_files(tmp, sync=True),
         }
         data = (json.dumps(full, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
-        _write_synced(tmp / MANIFEST, data)
+        write_synced(tmp / MANIFEST, data)
         if key is not None:
-            _write_synced(tmp / SIGNATURE, signing.sign_manifest(key, data))
-        _fsync_dir(tmp)
+            write_synced(tmp / SIGNATURE, signing.sign_manifest(key, data))
+        fsync_path(tmp)
         _replace_dir(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

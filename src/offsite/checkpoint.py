@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .durable import fsync_path
 from .errors import ConfigError
 
 STEP_PREFIX = "step-"
@@ -75,26 +76,18 @@ def save_checkpoint(
         meta = {"step": step, "position": position, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
         (tmp / STATE).write_text(json.dumps(meta))
         for name in FILES:
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         if target.exists():
             _remove(target)
         os.replace(tmp, target)
-        _fsync(directory)
+        fsync_path(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(directory)[:-keep]:
         _remove(old)
     return target
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data import Example, encode_pair
+from ..durable import atomic_write
 from ..errors import ConfigError
 from .owner import RepresentationRequest
 
@@ -75,19 +74,6 @@ def _fingerprint(encoded, config: MemoryConfig, owner: dict) -> str:
     for prompt, target in encoded:
         h.update(np.asarray(prompt, dtype=np.int64).tobytes() + b"|" + np.asarray(target, dtype=np.int64).tobytes() + b"\n")
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> dict:
@@ -149,8 +135,8 @@ def build_memory(
         keys = np.lib.format.open_memmap(out_dir / KEYS, mode="w+", dtype=np.float32, shape=(rows, d))
         values = np.lib.format.open_memmap(out_dir / VALUES, mode="w+", dtype=np.int32, shape=(rows,))
         state = {"fingerprint": fingerprint, "examples_done": 0, "rows_done": 0, "complete": False}
-        _write_json_atomic(out_dir / PROGRESS, state)
-        _write_json_atomic(out_dir / META, meta)  # last: its presence means the files above exist
+        atomic_write(out_dir / PROGRESS, json.dumps(state, indent=1).encode())
+        atomic_write(out_dir / META, json.dumps(meta, indent=1).encode())  # last: its presence means the files above exist
     if state.get("fingerprint") != fingerprint or not isinstance(state.get("examples_done"), int):
         raise ConfigError(f"progress.json does not belong to this external memory: {out_dir}")
 
@@ -174,7 +160,7 @@ def build_memory(
         values.flush()
         done += len(batch)
         state = {"fingerprint": fingerprint, "examples_done": done, "rows_done": row, "complete": done == len(encoded)}
-        _write_json_atomic(out_dir / PROGRESS, state)
+        atomic_write(out_dir / PROGRESS, json.dumps(state, indent=1).encode())
         bar.update(len(batch))
     bar.close()
     return out_dir

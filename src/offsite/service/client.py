@@ -23,10 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..bundle import MANIFEST, SIGNATURE, bundle_fingerprint, parse_json, read_manifest, sha256_file
+from ..durable import atomic_write
 from ..errors import BundleError, OffsiteError
 from .errors import RemoteError
 from .published import check_member_name
-from .store import atomic_write
 from .uploads import ARCHIVE_TYPE, pack_bundle
 
 Progress = Callable[[str, int, int], None]  # (file, bytes so far, file size)

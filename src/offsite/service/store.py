@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..durable import atomic_write, fsync_path
 from ..errors import ConfigError
 from . import auth
 
@@ -121,28 +122,6 @@ class Job:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a synced temp file and a rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Store:
@@ -259,7 +238,7 @@ class Store:
             if self.closed:
                 raise StoreClosed("the server is stopping")
             os.replace(bundle_dir, final)
-            fsync_dir(self.uploads_dir)
+            fsync_path(self.uploads_dir)
             try:
                 with self._tx() as db:
                     db.execute(
