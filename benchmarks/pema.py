@@ -187,10 +187,8 @@ def main() -> None:
 
 
 def record(args) -> None:
-    import torch
-
     from offsite.emulator import load_checkpoint
-    from offsite.models import resolve_model
+    from offsite.models import resolve_device, resolve_model
     from offsite.pema import (GenerateConfig, MemoryConfig, RepresentationServer, build_memory, export_head_checkpoint,
                               load_generation_examples, load_head, load_pema_adapter)
 
@@ -204,7 +202,7 @@ def record(args) -> None:
         export_head_checkpoint(model_path, head_dir, base_name=name, overwrite=head_dir.exists())
     head = load_head(head_dir)
     model, _ = load_checkpoint(model_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto").type
     server = RepresentationServer(model.to(device))
     head.check_owner(server.info())
     memory_settings = {"task": args.task, "train_limit": args.train_limit, "contexts": args.contexts, "seed": args.seed,

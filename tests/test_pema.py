@@ -474,7 +474,7 @@ def test_sciq_generation_splits_are_disjoint_and_carry_the_support_text():
         load_generation_examples("hellaswag", "eval")
 
 
-def test_piqa_generation_targets_are_the_correct_solutions_and_never_evaluated_goals():
+def test_piqa_generation_splits_are_disjoint_and_shuffled_by_seed():
     train, evaluation = load_generation_examples("piqa", "train", limit=2000), load_generation_examples("piqa", "eval", limit=300)
     assert len(train) == 2000 and len(evaluation) == 300
     assert not {e.context for e in train} & {e.context for e in evaluation}

@@ -76,6 +76,10 @@ def _fingerprint(encoded, config: MemoryConfig, owner: dict) -> str:
     return h.hexdigest()
 
 
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write(path, json.dumps(data, indent=1).encode())
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -135,8 +139,8 @@ def build_memory(
         keys = np.lib.format.open_memmap(out_dir / KEYS, mode="w+", dtype=np.float32, shape=(rows, d))
         values = np.lib.format.open_memmap(out_dir / VALUES, mode="w+", dtype=np.int32, shape=(rows,))
         state = {"fingerprint": fingerprint, "examples_done": 0, "rows_done": 0, "complete": False}
-        atomic_write(out_dir / PROGRESS, json.dumps(state, indent=1).encode())
-        atomic_write(out_dir / META, json.dumps(meta, indent=1).encode())  # last: its presence means the files above exist
+        _write_json(out_dir / PROGRESS, state)
+        _write_json(out_dir / META, meta)  # last: its presence means the files above exist
     if state.get("fingerprint") != fingerprint or not isinstance(state.get("examples_done"), int):
         raise ConfigError(f"progress.json does not belong to this external memory: {out_dir}")
 
@@ -160,7 +164,7 @@ def build_memory(
         values.flush()
         done += len(batch)
         state = {"fingerprint": fingerprint, "examples_done": done, "rows_done": row, "complete": done == len(encoded)}
-        atomic_write(out_dir / PROGRESS, json.dumps(state, indent=1).encode())
+        _write_json(out_dir / PROGRESS, state)
         bar.update(len(batch))
     bar.close()
     return out_dir

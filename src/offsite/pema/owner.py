@@ -40,6 +40,13 @@ class RepresentationRequest:
     def to_dict(self) -> dict:
         return {"prompts": self.prompts, "forced": self.forced, "greedy_steps": self.greedy_steps, "log_probs": self.log_probs}
 
+    def per_prompt(self) -> tuple[list, list]:
+        """(forced tokens, greedy steps), one entry per prompt (unchecked: `represent` validates them)."""
+        n = len(self.prompts) if isinstance(self.prompts, list) else 0
+        forced = self.forced if self.forced is not None else [[] for _ in range(n)]
+        steps = self.greedy_steps if isinstance(self.greedy_steps, list) else [self.greedy_steps] * n
+        return forced, steps
+
     @classmethod
     def from_dict(cls, data: dict) -> "RepresentationRequest":
         if not isinstance(data, dict) or set(data) - {"prompts", "forced", "greedy_steps", "log_probs"}:
@@ -114,9 +121,9 @@ class RepresentationServer:
 
     @torch.no_grad()
     def represent(self, request: RepresentationRequest) -> RepresentationResponse:
-        prompts, n = request.prompts, len(request.prompts) if isinstance(request.prompts, list) else 0
-        forced = request.forced if request.forced is not None else [[] for _ in range(n)]
-        steps = request.greedy_steps if isinstance(request.greedy_steps, list) else [request.greedy_steps] * n
+        prompts = request.prompts
+        forced, steps = request.per_prompt()
+        n = len(forced)
         self._check_request(prompts, forced, steps, request.log_probs)
         sequences = [p + f for p, f in zip(prompts, forced)]
         keep = max(len(f) for f in forced) + 1

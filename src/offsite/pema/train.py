@@ -14,10 +14,11 @@ the last-block states of pre-norm models are large (mean square about 1,100 for 
 with a few outlier channels), so the plain MSE is hundreds of times the cross-entropy and
 kappa = 0.2 would leave L_pd no say; relative to |f|^2 the two losses are on one scale for any
 model. The adapter needs many more memory rows than the representation has dimensions (the
-reconstruction alone is a d x d map); `train_pema` warns when the memory is smaller than that. A is Kaiming-uniform initialised and the B's start at zero, as in
-the reference code; one dropout mask feeds both decoders (the reference draws two). Each phase
-uses Adam and stops early when its validation loss has not improved for `patience` validations;
-the best weights are kept. The validation split is a fixed random subset of *examples* (all of
+reconstruction alone is a d x d map); `train_pema` warns below MIN_ROWS_PER_DIMENSION * d rows.
+
+A is Kaiming-uniform initialised and the B's start at zero, as in the reference code; one
+dropout mask feeds both decoders (the reference draws two). Each phase uses Adam and stops early
+when its validation loss has not improved for `patience` validations; the best weights are kept. The validation split is a fixed random subset of *examples* (all of
 an example's rows go to the same side). Batches are read from the memory-mapped keys, so memory
 use is bounded by the batch size, not the memory size.
 """
@@ -45,6 +46,7 @@ from .memory import ExternalMemory
 
 KIND = "pema-adapter"
 WEIGHTS = "pema.safetensors"
+MIN_ROWS_PER_DIMENSION = 10  # fewer training rows than this times d: warn that PEMA will not generalise
 
 
 @dataclass
@@ -148,10 +150,11 @@ def train_pema(memory: ExternalMemory, head: LoadedHead, config: PemaConfig | No
         h_rct, h_pd = adapter(f)
         return kappa * relative_mse(h_rct, f) + (1 - kappa) * F.cross_entropy(logits_of(h_pd).float(), y)
 
-    if len(train_rows) < 10 * memory.hidden_size:
+    min_rows = MIN_ROWS_PER_DIMENSION * memory.hidden_size
+    if len(train_rows) < min_rows:
         warnings.warn(f"the external memory has {len(train_rows):,} training rows for {memory.hidden_size}-dimensional "
                       f"representations; PEMA learns a rank-{config.rank} map of them and generalises poorly with fewer "
-                      f"than about {10 * memory.hidden_size:,} rows (use more or longer training examples)", stacklevel=2)
+                      f"than about {min_rows:,} rows (use more or longer training examples)", stacklevel=2)
     start = time.perf_counter()
     metrics = {"train_rows": len(train_rows), "val_rows": len(val_rows)}
     metrics["rct"] = _run_phase("rct", adapter, [adapter.A, adapter.B_rct], rct_loss, memory, train_rows, val_rows, config, device, progress)

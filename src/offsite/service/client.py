@@ -35,6 +35,7 @@ _TRANSIENT = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnec
 
 URL_ENV, TOKEN_ENV = "OFFSITE_URL", "OFFSITE_TOKEN"  # where --url/--token default from
 
+
 class Client:
     @classmethod
     def from_options(cls, url: str | None, token: str | None) -> "Client":
@@ -261,7 +262,7 @@ class RemoteOwner:
     def represent(self, request):
         from ..pema.owner import RepresentationResponse
 
-        return RepresentationResponse.from_dict(self.client._json("POST", "/v1/representations", request.to_dict()))
+        return RepresentationResponse.from_dict(self.client.representations(**request.to_dict()))
 
 
 def _quote(part: str) -> str:

@@ -61,7 +61,5 @@ class RepresentationSource:
 
 def _answer_rows(request: RepresentationRequest) -> int:
     """Representations the answer holds: per prompt, 1 + forced tokens + greedy steps."""
-    n = len(request.prompts)
-    forced = request.forced or [[] for _ in range(n)]
-    steps = request.greedy_steps if isinstance(request.greedy_steps, list) else [request.greedy_steps] * n
+    forced, steps = request.per_prompt()
     return sum(1 + len(f) + s for f, s in zip(forced, steps))
