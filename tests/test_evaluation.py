@@ -149,13 +149,16 @@ def test_score_multiple_choice_metrics(tok):
     model = tiny_model()
     docs = _docs()
     result = score_multiple_choice(model, tok, docs, batch_size=3, progress=False)
-    hits = hits_norm = 0
+    hits, hits_norm = [], []
     for doc in docs:
         lls = [naive_loglikelihood(model, tok, doc.context, c) for c in doc.choices]
         norm = [ll / len(c) for ll, c in zip(lls, doc.choices)]
-        hits += max(range(len(lls)), key=lls.__getitem__) == doc.gold
-        hits_norm += max(range(len(norm)), key=norm.__getitem__) == doc.gold
-    acc, acc_norm, n = hits / len(docs), hits_norm / len(docs), len(docs)
+        hits.append(max(range(len(lls)), key=lls.__getitem__) == doc.gold)
+        hits_norm.append(max(range(len(norm)), key=norm.__getitem__) == doc.gold)
+    # per-doc outcomes, in doc order, for paired comparisons
+    assert result.pop("correct") == "".join("1" if h else "0" for h in hits)
+    assert result.pop("correct_norm") == "".join("1" if h else "0" for h in hits_norm)
+    acc, acc_norm, n = sum(hits) / len(docs), sum(hits_norm) / len(docs), len(docs)
     assert result == pytest.approx({"acc": acc, "acc_norm": acc_norm, "n": n,
                                     "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)),
                                     "acc_norm_stderr": math.sqrt(acc_norm * (1 - acc_norm) / (n - 1))})

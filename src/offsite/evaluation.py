@@ -53,7 +53,9 @@ def score_multiple_choice(model, tokenizer, docs: Sequence, batch_size: int = 16
         hits.append(_argmax(ll) == doc.gold)
         hits_norm.append(_argmax(norm) == doc.gold)
     acc, acc_norm, n = sum(hits) / len(docs), sum(hits_norm) / len(docs), len(docs)
-    return {"acc": acc, "acc_stderr": _stderr(acc, n), "acc_norm": acc_norm, "acc_norm_stderr": _stderr(acc_norm, n), "n": n}
+    return {"acc": acc, "acc_stderr": _stderr(acc, n), "acc_norm": acc_norm, "acc_norm_stderr": _stderr(acc_norm, n), "n": n,
+            # per-doc outcomes in doc order ("1" = correct), for paired comparisons (offsite.stats)
+            "correct": "".join("1" if h else "0" for h in hits), "correct_norm": "".join("1" if h else "0" for h in hits_norm)}
 
 
 def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = True) -> list[float]:
