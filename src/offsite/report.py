@@ -49,9 +49,13 @@ class ReportConfig:
     eval_limit: int | None = None  # evaluation docs per task (first N of the standard split)
     eval_batch_size: int = 32
     full_finetune: bool = False
+    # Which of SETTINGS to compute (default: all but full_ft, plus full_ft with full_finetune); a benchmark that
+    # shares the full model's numbers across emulators computes them in one report and the emulator ones in others.
+    settings: list[str] | None = None
     perplexity_chars: int = 20_000  # held-out plain text for full vs emulator perplexity; 0 = skip
     healing_steps: int = 0  # privacy check: steps of middle-block training on generic text; 0 = skip
     out: str = "runs/report"
+    results: str = ""  # where results.json goes (default: out/results.json); a benchmark keeps it under version control
     title: str = ""
     device: str = "auto"  # where evaluation runs; training places itself via accelerate
 
@@ -70,7 +74,20 @@ class ReportConfig:
             data["finetune"] = FinetuneConfig(**data["finetune"])
         if isinstance(data.get("tasks"), str):
             data["tasks"] = [t for t in data["tasks"].split(",") if t]
+        if isinstance(data.get("settings"), str):
+            data["settings"] = [t for t in data["settings"].split(",") if t]
         return cls(**data)
+
+    def __post_init__(self):
+        if self.settings is not None:
+            bad = sorted(set(self.settings) - set(SETTINGS))
+            if bad or not self.settings:
+                raise ConfigError(f"settings must be a non-empty subset of {list(SETTINGS)}, got {self.settings}")
+
+    def wanted(self, setting: str) -> bool:
+        if self.settings is not None:
+            return setting in self.settings
+        return setting != "full_ft" or self.full_finetune
 
 
 # What the cached numbers depend on; other options (tasks, output paths, batch size for scoring,
@@ -107,49 +124,63 @@ def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out / "results.json", _jsonable(dataclasses.asdict(config)))
+    results_path = Path(config.results) if config.results else out / "results.json"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(results_path, _jsonable(dataclasses.asdict(config)))
     model_path, model_name = resolve_model(config.model)
     device = resolve_device(config.device)
     t0 = time.perf_counter()
 
     base, tokenizer = load_checkpoint(model_path)
     fingerprint = model_fingerprint(base)
-    emulator_dir = out / "emulator"
-    if not emulator_dir.exists():
-        log(f"[owner] compressing {model_name} with {config.method} {config.method_params}")
-        emulator = build_emulator(base, config.method, make_config(config.method, **config.method_params))
-        save_emulator(emulator, tokenizer, emulator_dir, fingerprint, model_name)
-        del emulator
-    elif read_manifest(emulator_dir)["base"]["fingerprint"] != fingerprint:
-        raise ConfigError(f"{emulator_dir} was made from another model; choose another --out")
-    if config.distill is not None:
-        distilled_dir = out / "emulator-distilled"
-        if not distilled_dir.exists():
-            settings = DistillConfig(**config.distill)
-            log(f"[owner] distilling the emulator on {settings.tokens:,} tokens of generic text")
-            distill(model_path, emulator_dir, distilled_dir, load_generic_text(5 * settings.tokens),
-                    load_plain_text(settings.eval_chars), settings, resume=True, progress=progress, log=log)
-        emulator_dir = distilled_dir
+    made: list[Path] = []
+
+    def emulator_path() -> Path:
+        """The emulator bundle the data owner gets, built (and distilled) on first use only: a report whose
+        numbers are all cached never compresses anything."""
+        if made:
+            return made[0]
+        emulator_dir = out / "emulator"
+        if not emulator_dir.exists():
+            log(f"[owner] compressing {model_name} with {config.method} {config.method_params}")
+            emulator = build_emulator(base, config.method, make_config(config.method, **config.method_params))
+            save_emulator(emulator, tokenizer, emulator_dir, fingerprint, model_name)
+            del emulator
+        elif read_manifest(emulator_dir)["base"]["fingerprint"] != fingerprint:
+            raise ConfigError(f"{emulator_dir} was made from another model; choose another --out")
+        if config.distill is not None:
+            distilled_dir = out / "emulator-distilled"
+            if not distilled_dir.exists():
+                settings = DistillConfig(**config.distill)
+                log(f"[owner] distilling the emulator on {settings.tokens:,} tokens of generic text")
+                distill(model_path, emulator_dir, distilled_dir, load_generic_text(5 * settings.tokens),
+                        load_plain_text(settings.eval_chars), settings, resume=True, progress=progress, log=log)
+            emulator_dir = distilled_dir
+        made.append(emulator_dir)
+        return emulator_dir
 
     def score(model, docs):
         return score_multiple_choice(model, tokenizer, docs, batch_size=config.eval_batch_size, progress=progress)
 
+    with_emulator = any(config.wanted(s) for s in ("emulator_zs", "emulator_ft", "plugin"))
     if config.perplexity_chars:
         text = load_plain_text(config.perplexity_chars)
-        for name, make_model in (("full", lambda: base), ("emulator", lambda: load_emulator(emulator_dir).model)):
+        models = [("full", lambda: base)] + [("emulator", lambda: load_emulator(emulator_path()).model)] * with_emulator
+        for name, make_model in models:
             if (store.get("_perplexity", name) or {}).get("chars") != config.perplexity_chars:
                 log(f"[perplexity] {name} model on {len(text):,} characters of held-out text ...")
                 result = perplexity(make_model().to(device), tokenizer, text, progress=progress)
                 store.put("_perplexity", name, result | {"chars": config.perplexity_chars})
             log(f"[perplexity] {name:<8} {store.get('_perplexity', name)['ppl']:.1f}")
 
-    if store.get("_privacy", "verbatim") is None:
-        store.put("_privacy", "verbatim", verbatim_fraction(base, load_emulator(emulator_dir)))
-    log(f"[privacy] the emulator bundle ships {100 * store.get('_privacy', 'verbatim')['fraction']:.1f}% of the base parameters verbatim")
-    if config.healing_steps and config.perplexity_chars:
+    if with_emulator and store.get("_privacy", "verbatim") is None:
+        store.put("_privacy", "verbatim", verbatim_fraction(base, load_emulator(emulator_path())))
+    if with_emulator:
+        log(f"[privacy] the emulator bundle ships {100 * store.get('_privacy', 'verbatim')['fraction']:.1f}% of the base parameters verbatim")
+    if with_emulator and config.healing_steps and config.perplexity_chars:
         if (store.get("_privacy", "healing") or {}).get("steps") != config.healing_steps:
             log(f"[privacy] healing: {config.healing_steps} steps of middle-block training on generic text ...")
-            healed = heal(load_emulator(emulator_dir), load_generic_text(), config.healing_steps, progress=progress)
+            healed = heal(load_emulator(emulator_path()), load_generic_text(), config.healing_steps, progress=progress)
             ppl = {name: store.get("_perplexity", name)["ppl"] for name in ("full", "emulator")}
             healed_ppl = perplexity(healed.to(device), tokenizer, text, progress=progress)["ppl"]
             store.put("_privacy", "healing", {
@@ -180,17 +211,25 @@ def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
             r = store.get(task, setting)
             log(f"[{task}] {LABELS[setting]:<20} acc {100 * r['acc']:5.1f}  acc_norm {100 * r['acc_norm']:5.1f}")
 
-        measure("full_zs", lambda: base)
+        if config.wanted("full_zs"):
+            measure("full_zs", lambda: base)
         base.cpu()
-        measure("emulator_zs", lambda: load_emulator(emulator_dir).model)
+        if config.wanted("emulator_zs"):
+            measure("emulator_zs", lambda: load_emulator(emulator_path()).model)
         run_dir = out / task / "offsite"
         adapter_dir = run_dir / "adapter"
-        if not adapter_dir.exists():
-            log(f"[{task}] data owner fine-tunes the adapter on the emulator")
-            finetune(emulator_dir, train_examples, run_dir, config.finetune, resume=True, progress=progress)
-        measure("emulator_ft", lambda: plug_into_emulator(load_emulator(emulator_dir), adapter_dir))
-        measure("plugin", lambda: plug_in(load_checkpoint(model_path)[0], adapter_dir, fingerprint=fingerprint, emulator=emulator_dir))
-        if config.full_finetune:
+
+        def adapter() -> Path:
+            if not adapter_dir.exists():
+                log(f"[{task}] data owner fine-tunes the adapter on the emulator")
+                finetune(emulator_path(), train_examples, run_dir, config.finetune, resume=True, progress=progress)
+            return adapter_dir
+
+        if config.wanted("emulator_ft"):
+            measure("emulator_ft", lambda: plug_into_emulator(load_emulator(emulator_path()), adapter()))
+        if config.wanted("plugin"):
+            measure("plugin", lambda: plug_in(load_checkpoint(model_path)[0], adapter(), fingerprint=fingerprint, emulator=emulator_path()))
+        if config.wanted("full_ft"):
             measure("full_ft", lambda: full_finetune(model_path, tokenizer, train_examples, config.finetune, progress))
 
     store.data["seconds_total_last_run"] = round(time.perf_counter() - t0, 1)
