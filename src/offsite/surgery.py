@@ -146,6 +146,7 @@ def build_reduced_model(
     layout: BlockLayout,
     kept: list[int],
     replacements: dict[int, nn.Module] | None = None,
+    allow_repeats: bool = False,
 ) -> PreTrainedModel:
     """A new model of the same class holding the non-block weights and blocks `kept`, renumbered.
 
@@ -155,22 +156,29 @@ def build_reduced_model(
     with a strict load, so nothing is silently left at its random initialisation.
     `replacements` maps a position in `kept` to a block module that replaces the original
     (used by methods that compress a block in place); its state dict must match the block's.
+    With `allow_repeats`, a block may appear at several consecutive positions (CRaSh's sharing):
+    each position gets its own copy of the weights and its own `layer_idx`.
     """
-    if sorted(set(kept)) != list(kept) or not kept or kept[0] < 0 or kept[-1] >= layout.num_blocks:
-        raise ConfigError(f"kept blocks must be distinct ascending indices in [0, {layout.num_blocks}), got {kept}")
+    ascending = sorted(kept) == list(kept) if allow_repeats else sorted(set(kept)) == list(kept)
+    if not ascending or not kept or kept[0] < 0 or kept[-1] >= layout.num_blocks:
+        order = "non-decreasing" if allow_repeats else "distinct ascending"
+        raise ConfigError(f"kept blocks must be {order} indices in [0, {layout.num_blocks}), got {kept}")
     config = reduced_config(model.config, kept)
     with no_init_weights():
         reduced = type(model)._from_config(config, dtype=model.dtype)
     reduced.to(next(model.parameters()).device)
 
-    position = {orig: new for new, orig in enumerate(kept)}
+    positions: dict[int, list[int]] = {}
+    for new, orig in enumerate(kept):
+        positions.setdefault(orig, []).append(new)
     state = {}
     for key, value in model.state_dict().items():
         parsed = layout.parse_block_key(key)
         if parsed is None:
             state[key] = value
-        elif parsed[0] in position:
-            state[layout.block_key(position[parsed[0]], parsed[1])] = value
+        else:
+            for new in positions.get(parsed[0], ()):
+                state[layout.block_key(new, parsed[1])] = value
     for new_index, block in (replacements or {}).items():
         for param, value in block.state_dict().items():
             state[layout.block_key(new_index, param)] = value

@@ -128,3 +128,4 @@ def model_tokenizer(model: PreTrainedModel, method: str):
 from . import layerdrop  # noqa: E402,F401  (registers the built-in methods)
 from . import gradot  # noqa: E402,F401
 from . import scaleot  # noqa: E402,F401
+from . import crash  # noqa: E402,F401
