@@ -380,3 +380,26 @@ def test_statistics_in_several_passes_give_the_same_emulator(tokenizer):
     assert one.structure == two.structure
     for (k, a), b in zip(one.model.state_dict().items(), two.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_balanced_lambda_weighs_both_terms_equally(tokenizer):
+    """lambda_scale='balanced' multiplies lambda by mean|curvature| / mean|loss term| per kind; 0 is still 0."""
+    from offsite.methods.gradot import Unit, balance
+
+    units = [Unit("attn", ["a"], torch.tensor([2.0, 4.0]), torch.tensor([-0.5, 0.5]), 1, 2, 0),
+             Unit("mlp", ["m"], torch.tensor([1.0]), torch.tensor([0.0]), 1, 1, 0)]
+    assert balance(units, "attn") == pytest.approx(6.0)  # mean 3 / mean 0.5
+    assert balance(units, "mlp") == 0.0  # no loss signal: the term stays off
+    base = tiny_model("llama")
+    zero_abs = build_emulator(base, "gradot", gradot(target_fraction=0.6, lambda_attn=0.0, lambda_mlp=0.0), tokenizer=tokenizer)
+    zero_bal = build_emulator(base, "gradot", gradot(target_fraction=0.6, lambda_attn=0.0, lambda_mlp=0.0, lambda_scale="balanced"),
+                              tokenizer=tokenizer)
+    assert zero_abs.structure == zero_bal.structure
+    one = build_emulator(base, "gradot", gradot(target_fraction=0.6, lambda_scale="balanced"), tokenizer=tokenizer)
+    effective = one.params["result"]["effective_lambda"]
+    assert effective["attn"] > 0 and effective["mlp"] > 0 and one.params["lambda_scale"] == "balanced"
+    strong = build_emulator(base, "gradot", gradot(target_fraction=0.6, lambda_attn=50.0, lambda_mlp=50.0, lambda_scale="balanced"),
+                            tokenizer=tokenizer)
+    assert strong.structure != zero_abs.structure  # the loss term now decides
+    with pytest.raises(ConfigError, match="lambda_scale must be one of"):
+        gradot(lambda_scale="relative")

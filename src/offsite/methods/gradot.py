@@ -48,7 +48,11 @@ since the size falls monotonically with the prefix). `lambda_attn` and `lambda_m
 loss term of the two kinds; it is in the units of the curvature term, so its scale is
 model-dependent: on SmolLM2-135M (64 x 128 support tokens) the loss term at lambda = 1 is ~1e-3
 of the curvature term (a tie-breaker), at ~300 they are comparable, and the emulator's held-out
-perplexity at 65% of the middle goes from 75 (lambda 1) to 2,161 (300) and 297,847 (3,000). `score="magnitude"` is the data-free ablation: components by their
+perplexity at 65% of the middle goes from 75 (lambda 1) to 2,161 (300) and 297,847 (3,000). With
+`lambda_scale="balanced"` lambda is reparametrised onto one scale: the loss term is multiplied
+by mean|curvature| / mean|loss| over all removable items of its kind (attention components or
+MLP channels) before lambda applies, so lambda = 1 weighs the two halves of GCS equally on any
+model, and the factor actually used is recorded in the manifest (`result.effective_lambda`). `score="magnitude"` is the data-free ablation: components by their
 share of the matrix's energy s_k^2 / ||W||_F^2, channels by their share of the MLP's energy
 (squared norms of the channel's rows and column), ranked and selected in the same way.
 
@@ -75,6 +79,7 @@ from . import Emulator, EmulatorConfig, model_tokenizer, register
 from .layerdrop import select_middle
 
 SCORES = ("gradient", "magnitude")
+LAMBDA_SCALES = ("absolute", "balanced")
 
 
 @dataclass
@@ -87,6 +92,9 @@ class GradOTConfig(EmulatorConfig):
     score: str = "gradient"  # "gradient" (GCS) or "magnitude" (ablation: singular values / channel norms)
     lambda_attn: float = 1.0
     lambda_mlp: float = 1.0
+    # "absolute": lambda in the curvature term's units (model-dependent: ~1e-3 of it at 1 on SmolLM2);
+    # "balanced": lambda times mean|curvature| / mean|loss term| over all items of its kind, so 1 weighs both equally.
+    lambda_scale: str = "absolute"
     min_rank_fraction: float = 0.05  # share of each attention matrix's rank (and MLP channels) always kept
     support_task: str = "generic"  # "generic" text, or a task name (its train examples)
     support_size: int = 64  # sequences
@@ -100,6 +108,8 @@ class GradOTConfig(EmulatorConfig):
 
         if not 0 < self.target_fraction <= 1:
             raise ConfigError(f"target_fraction must be in (0, 1], got {self.target_fraction}")
+        if self.lambda_scale not in LAMBDA_SCALES:
+            raise ConfigError(f"lambda_scale must be one of {LAMBDA_SCALES}, got {self.lambda_scale!r}")
         if self.score not in SCORES:
             raise ConfigError(f"score must be one of {SCORES}, got {self.score!r}")
         if not 0 < self.min_rank_fraction <= 1:
@@ -302,32 +312,60 @@ def svd(W: torch.Tensor):
         torch.set_num_threads(threads)
 
 
-def svd_scores(W: torch.Tensor, stats: Stats | None, lam: float):
-    """SVD of W (out, in) and the cost of dropping each component: its GCS (closed form), or with
-    `stats=None` its share of the energy s_k^2 / sum s^2. Returns (U, S, Vh, cost)."""
+def svd_terms(W: torch.Tensor, stats: Stats | None):
+    """SVD of W (out, in) and the two terms of each component's GCS: (U, S, Vh, curvature, loss) with
+    GCS_k = curvature_k + lambda * loss_k (closed form); with `stats=None` the curvature is the
+    component's share of the energy s_k^2 / sum s^2 and the loss term is zero."""
     U, S, Vh = svd(W)
     if stats is None:
-        return U, S, Vh, S**2 / (S**2).sum().clamp_min(1e-30)
+        return U, S, Vh, S**2 / (S**2).sum().clamp_min(1e-30), torch.zeros_like(S)
     gu = (stats.G @ U).abs().sum(0)  # ||G u_k||_1
     av = (stats.A @ Vh.T).abs().sum(0)  # ||A v_k||_1
     ugv = ((U.T @ stats.grad) * Vh).sum(1)  # u_k^T grad v_k
-    return U, S, Vh, S * (gu * av + lam * ugv)
+    return U, S, Vh, S * gu * av, S * ugv
+
+
+def svd_scores(W: torch.Tensor, stats: Stats | None, lam: float):
+    """SVD of W (out, in) and the cost of dropping each component: its GCS (closed form), or with
+    `stats=None` its share of the energy s_k^2 / sum s^2. Returns (U, S, Vh, cost)."""
+    U, S, Vh, curvature, loss = svd_terms(W, stats)
+    return U, S, Vh, curvature + lam * loss
+
+
+def channel_terms(ins: list[tuple[torch.Tensor, Stats | None]], out: tuple[torch.Tensor, Stats | None]):
+    """The two terms (curvature, loss) of the GCS of removing each intermediate channel of an MLP:
+    zeroing row j of every input projection P (I, d) and column j of the output projection D (d, I)
+    (closed form); with statistics None, the channel's share of the MLP's squared weight norm and zero."""
+    D, d_stats = out
+    if d_stats is None:
+        energy = (_real(D) ** 2).sum(0) + sum((_real(P) ** 2).sum(1) for P, _ in ins)
+        return energy / energy.sum().clamp_min(1e-30), torch.zeros_like(energy)
+    D = _real(D)
+    curvature = (d_stats.G @ D).abs().sum(0) * d_stats.A.abs().sum(0)
+    loss = (d_stats.grad * D).sum(0)
+    for P, s in ins:
+        P = _real(P)
+        curvature = curvature + s.G.abs().sum(0) * (P @ s.A).abs().sum(1)
+        loss = loss + (s.grad * P).sum(1)
+    return curvature, loss
 
 
 def channel_scores(ins: list[tuple[torch.Tensor, Stats | None]], out: tuple[torch.Tensor, Stats | None], lam: float) -> torch.Tensor:
     """Cost of removing each intermediate channel of an MLP: the summed GCS of zeroing row j of every
     input projection P (I, d) and column j of the output projection D (d, I) (closed form); with
     statistics None, the channel's share of the MLP's squared weight norm."""
-    D, d_stats = out
-    if d_stats is None:
-        energy = (_real(D) ** 2).sum(0) + sum((_real(P) ** 2).sum(1) for P, _ in ins)
-        return energy / energy.sum().clamp_min(1e-30)
-    D = _real(D)
-    cost = (d_stats.G @ D).abs().sum(0) * d_stats.A.abs().sum(0) + lam * (d_stats.grad * D).sum(0)
-    for P, s in ins:
-        P = _real(P)
-        cost = cost + s.G.abs().sum(0) * (P @ s.A).abs().sum(1) + lam * (s.grad * P).sum(1)
-    return cost
+    curvature, loss = channel_terms(ins, out)
+    return curvature + lam * loss
+
+
+def balance(units: list["Unit"], kind: str) -> float:
+    """mean |curvature term| / mean |loss term| over every removable item of one kind (attn or mlp):
+    the factor that puts lambda on one scale, so lambda = 1 weighs the two terms equally on any model."""
+    curv = torch.cat([u.curvature.double().abs() for u in units if u.kind == kind] or [torch.zeros(1)])
+    loss = torch.cat([u.loss.double().abs() for u in units if u.kind == kind] or [torch.zeros(1)])
+    if float(loss.mean()) == 0.0:
+        return 0.0
+    return float(curv.mean() / loss.mean())
 
 
 # ------------------------------------------------------------------ selection to the budget
@@ -337,11 +375,19 @@ class Unit:
 
     kind: str  # "attn" | "mlp"
     paths: list[str]
-    cost: torch.Tensor  # per item; +inf = never removed
+    curvature: torch.Tensor  # per item: the ||H delta||_1 term of its GCS (or the magnitude score)
+    loss: torch.Tensor  # per item: the <grad, delta> term (GCS = curvature + lambda * loss)
     per_item: int  # parameters one item takes
     dense: int  # parameters when untouched (weights + biases of the unit's linears)
     fixed: int  # parameters independent of the item count (biases that stay)
     extra: dict = dataclasses.field(default_factory=dict)
+    cost: torch.Tensor | None = None  # per item, set by `price`; +inf = never removed
+
+    def price(self, lam: float, min_rank_fraction: float) -> None:
+        """GCS per item at this lambda, with the protected top items set to +inf."""
+        cost = self.curvature + lam * self.loss
+        order_key = self.extra["svd"][1] if self.kind == "attn" else cost  # singular values / the channel's own cost
+        self.cost = protect_top(cost, order_key, min_rank_fraction)
 
     def size(self, kept: int) -> int:
         """Parameters with `kept` items; a low-rank matrix that would not be smaller stays dense."""
@@ -453,20 +499,18 @@ def score_units(model, layout: BlockLayout, blocks: list[int], config: GradOTCon
         for path in attn_paths:
             m = modules[path]
             in_f, out_f = linear_shape(m)
-            U, S, Vh, cost = svd_scores(dense_weight(m), stats.get(path), config.lambda_attn)
+            U, S, Vh, curvature, loss = svd_terms(dense_weight(m), stats.get(path))
             bias = out_f if _bias(m) is not None else 0
-            units.append(Unit("attn", [path], protect_top(cost, S, config.min_rank_fraction), in_f + out_f,
-                              in_f * out_f + bias, bias, {"svd": (U, S, Vh)}))
+            units.append(Unit("attn", [path], curvature, loss, in_f + out_f, in_f * out_f + bias, bias, {"svd": (U, S, Vh)}))
         for site in mlp_sites:
             ins = [(dense_weight(modules[p]), stats.get(p)) for p in site.inputs]
             out = (dense_weight(modules[site.output]), stats.get(site.output))
-            cost = channel_scores(ins, out, config.lambda_mlp)
+            curvature, loss = channel_terms(ins, out)
             hidden = out[0].shape[0]
             per_item = sum(P.shape[1] + (1 if _bias(modules[p]) is not None else 0) for (P, _), p in zip(ins, site.inputs)) + hidden
             fixed = hidden if _bias(modules[site.output]) is not None else 0
             dense = _unit_params([modules[p] for p in site.inputs + [site.output]])
-            units.append(Unit("mlp", site.inputs + [site.output], protect_top(cost, cost, config.min_rank_fraction),
-                              per_item, dense, fixed))
+            units.append(Unit("mlp", site.inputs + [site.output], curvature, loss, per_item, dense, fixed))
     times["scores"] = times.get("scores", 0.0) + time.perf_counter() - clock
     return units
 
@@ -497,6 +541,11 @@ def build_gradot(model: PreTrainedModel, layout: BlockLayout, config: GradOTConf
         units += score_units(reduced, layout, group, config, features, pad_id, times)
     middle_now = sum(count_parameters(get_blocks(reduced, layout)[i]) for i in positions)
     clock = time.perf_counter()
+    lambdas = {"attn": config.lambda_attn, "mlp": config.lambda_mlp}
+    if config.lambda_scale == "balanced":
+        lambdas = {kind: lam * balance(units, kind) for kind, lam in lambdas.items()}
+    for unit in units:
+        unit.price(lambdas[unit.kind], config.min_rank_fraction)
     modules = dict(reduced.named_modules())
     other = middle_now - sum(u.dense for u in units)
     masks, achieved = select(units, other, budget)
@@ -539,6 +588,7 @@ def build_gradot(model: PreTrainedModel, layout: BlockLayout, config: GradOTConf
     times["selection + build"] = time.perf_counter() - clock
 
     result = {
+        "effective_lambda": {k: float(f"{v:.6g}") for k, v in lambdas.items()},  # in the curvature term's units
         "middle_parameters": middle_after,
         "original_middle_parameters": original_middle,
         "middle_fraction": round(middle_after / original_middle, 6),
