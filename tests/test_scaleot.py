@@ -45,7 +45,8 @@ def stage_a(model, tokenizer, out, **params):
 
 
 def scaleot(artifact, **params):
-    return make_config("scaleot", artifact=str(artifact), **params)
+    """Selection by the ranking alone (most tests); the default protection of the adapter's neighbours has its own test."""
+    return make_config("scaleot", artifact=str(artifact), **({"protect_adapter_neighbours": False} | params))
 
 
 def logits(model, ids):
@@ -149,6 +150,155 @@ def test_stage_a_learns_and_resumes_exactly(tokenizer, tmp_path):
     assert ta["history"] == tb["history"] and ta["steps"] == tb["steps"] == 8
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
+@pytest.mark.parametrize("objective", ["match", "local"])
+def test_harmonizer_objectives_train_and_resume_exactly(family, objective, tokenizer, tmp_path):
+    """Every objective trains the harmonizers, leaves the base model alone, and resumes bit for bit
+    (with K = 4 policy samples and the leave-one-out baseline)."""
+    base = tiny_model(family)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    params = dict(steps=6, checkpoint_every=3, objective=objective, policy_samples=4)
+    whole = stage_a(base, tokenizer, tmp_path / "whole", **params)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    art = load_artifact(whole)
+    assert all(torch.count_nonzero(h["up.weight"]) > 0 for h in art.harmonizers.values())
+    assert art.manifest["scaleot"]["config"]["objective"] == objective
+
+    class Stop(Exception):
+        pass
+
+    def stop(step):
+        raise Stop
+
+    config = ImportanceConfig(**(SMALL | params))
+    with pytest.raises(Stop):
+        estimate_importance(base, tokenizer, tmp_path / "split", config, texts=TEXTS, callback=stop, **QUIET)
+    resumed = load_artifact(estimate_importance(base, tokenizer, tmp_path / "split", config, texts=TEXTS, resume=True, **QUIET))
+    assert art.logits == resumed.logits
+    assert all(torch.equal(t, resumed.harmonizers[b][n]) for b in art.middle for n, t in art.harmonizers[b].items())
+
+
+def test_local_objective_fits_the_blocks(tokenizer, tmp_path):
+    """Block-local regression: after training, the harmonizers map their blocks' inputs closer to the
+    blocks' outputs than the identity they start as (normalised MSE on the original network's
+    activations over the training text)."""
+    from offsite.distill import pack_blocks
+    from offsite.methods.scaleot import _Taps, normalised_mse
+
+    base = tiny_model("llama")
+    art = load_artifact(stage_a(base, tokenizer, tmp_path / "art", steps=60, objective="local", lr=3e-3))
+    layout = discover_layout(base)
+    blocks = get_blocks(base, layout)
+    taps = _Taps()
+    for i in art.middle:
+        taps.watch(blocks[i], i, record_input=True)
+    ids = torch.tensor([b["input_ids"] for b in pack_blocks(tokenizer, TEXTS, 16)])
+    with torch.no_grad():
+        base(input_ids=ids)
+    taps.close()
+    trained = new_harmonizers(base, layout, art.middle, rank=4)
+    mask = torch.ones(ids.shape)
+    fitted, identity = [], []
+    for i in art.middle:
+        trained[str(i)].load_state_dict(art.harmonizers[i])
+        with torch.no_grad():
+            fitted.append(float(normalised_mse(trained[str(i)](taps.inputs[i]), taps.outputs[i], mask)))
+            identity.append(float(normalised_mse(taps.inputs[i], taps.outputs[i], mask)))
+    assert sum(fitted) < 0.97 * sum(identity), (fitted, identity)
+
+
+def test_match_objective_is_lm_plus_weighted_span_matching(tokenizer):
+    from offsite.methods.scaleot import _batch, harmonizer_loss, normalised_mse, span_ends
+    from offsite.training import causal_lm_loss
+
+    assert span_ends([2, 3, 5]) == [3, 5] and span_ends([]) == []
+    base = tiny_model("llama")
+    layout = discover_layout(base)
+    blocks = get_blocks(base, layout)
+    originals = {i: blocks[i] for i in range(2, 6)}
+    harmonizers = new_harmonizers(base, layout, [2, 3, 4, 5], rank=4)
+    with torch.no_grad():
+        for h in harmonizers.values():
+            h.up.weight.normal_(0, 0.5)
+    features = [{"input_ids": tokenizer(t)["input_ids"][:12], "labels": tokenizer(t)["input_ids"][:12]} for t in TEXTS[:2]]
+    batch = _batch(features, [0, 1], "cpu")
+
+    def use(replaced):
+        for i in range(2, 6):
+            blocks[i] = harmonizers[str(i)] if i in replaced else originals[i]
+
+    config = ImportanceConfig(**(SMALL | {"objective": "match", "match_weight": 7.0}))
+    seen = []
+    handle = originals[4].register_forward_pre_hook(lambda m, args: seen.append(args[0]))  # block 4 reads block 3's output
+    with torch.no_grad():
+        loss = harmonizer_loss(base, blocks, originals, harmonizers, [2, 3, 4, 5], [3], batch, config, use)
+        seen.clear()
+        use([])
+        base(input_ids=batch["input_ids"])
+        use([3])
+        base(input_ids=batch["input_ids"])
+        teacher, mixed = seen
+        lm = causal_lm_loss(base, batch)
+    handle.remove()
+    use([])
+    expected = lm + 7.0 * normalised_mse(mixed, teacher, batch["attention_mask"])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_normalised_mse_is_scale_free():
+    from offsite.methods.scaleot import normalised_mse
+
+    t, s = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    torch.testing.assert_close(normalised_mse(100 * s, 100 * t, mask), normalised_mse(s, t, mask))
+    assert normalised_mse(t, t, mask) == 0
+
+
+def test_rank_fraction_sets_the_rank(tokenizer, tmp_path):
+    art = load_artifact(stage_a(tiny_model("llama"), tokenizer, tmp_path / "a", rank_fraction=0.25, steps=2))
+    assert art.rank == 8  # a quarter of d = 32
+
+
+def test_direct_measurement_and_its_correlation(artifacts):
+    from offsite.methods.scaleot import spearman
+
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0) and spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+    base, art_path = artifacts("llama")
+    art = load_artifact(art_path)
+    direct = art.manifest["scaleot"]["direct"]
+    assert set(direct["loss_increase"]) == {"2", "3", "4", "5"} and -1 <= direct["spearman_with_learned"] <= 1
+    assert art.ranking("direct") == sorted(art.direct, key=lambda b: (art.direct[b], b)) == direct["ranking"]
+    emu = build_emulator(base, "scaleot", scaleot(art_path, alpha=0.5, ranking="direct"))
+    assert emu.params["result"]["replaced_blocks"] == sorted(art.ranking("direct")[:2])
+
+
+def test_ranking_direct_needs_the_measurement(tokenizer, tmp_path):
+    base = tiny_model("llama")
+    path = stage_a(base, tokenizer, tmp_path / "a", direct_sequences=0, steps=2)
+    assert "direct" not in load_artifact(path).manifest["scaleot"]
+    with pytest.raises(ConfigError, match="no direct swap measurement"):
+        build_emulator(base, "scaleot", scaleot(path, alpha=0.5, ranking="direct"))
+
+
+def test_adapter_neighbours_are_protected_by_default(artifacts):
+    base, art = artifacts("llama")
+    emu = build_emulator(base, "scaleot", make_config("scaleot", artifact=str(art), alpha=0.5))
+    assert emu.params["result"]["replaced_blocks"] == [3, 4]  # never 2 or 5, next to the adapter
+    with pytest.raises(ConfigError, match="adapter's neighbours"):
+        build_emulator(base, "scaleot", make_config("scaleot", artifact=str(art), alpha=0.75))
+
+
+def test_replaced_blocks_override_the_ranking(artifacts):
+    base, art = artifacts("llama")
+    emu = build_emulator(base, "scaleot", scaleot(art, replaced_blocks=[2, 5]))
+    assert emu.params["result"]["replaced_blocks"] == [2, 5]
+    with pytest.raises(ConfigError, match="not replaceable"):
+        build_emulator(base, "scaleot", scaleot(art, replaced_blocks=[0, 3]))
+    with pytest.raises(ConfigError, match="distinct ascending"):
+        scaleot(art, replaced_blocks=[4, 3])
+
+
 # ---------------------------------------------------------------- stage (b): the emulator
 def test_alpha_0_beta_1_is_the_base_model(artifacts):
     base, art = artifacts("llama")
@@ -188,6 +338,10 @@ def test_invalid_emulator_settings(params, message):
         (dict(baseline_decay=1.0), "baseline_decay"),
         (dict(policy_lr=0.0), "policy_lr"),
         (dict(mixed_precision="fp8"), "mixed_precision"),
+        (dict(objective="kd"), "objective must be one of"),
+        (dict(rank_fraction=1.5), "rank_fraction"),
+        (dict(match_weight=-1.0), "match_weight"),
+        (dict(policy_samples=0), "policy_samples"),
     ],
 )
 def test_invalid_importance_settings(params, message):
@@ -319,7 +473,7 @@ def test_harmonizers_never_replace_cache_anchors(artifacts):
     all blocks; they stay, and generation with a cache matches the uncached computation."""
     base, art = artifacts("qwen2")  # layer_types: blocks 0-3 full attention, 4-7 sliding
     assert cache_anchor_blocks(base.config, 8) == {0, 4}
-    with pytest.raises(ConfigError, match="hold the KV cache"):
+    with pytest.raises(ConfigError, match="KV-cache anchors"):
         build_emulator(base, "scaleot", scaleot(art, alpha=1.0))
     emu = build_emulator(base, "scaleot", scaleot(art, alpha=0.75))
     assert 4 not in emu.params["result"]["replaced_blocks"] and len(emu.params["result"]["replaced_blocks"]) == 3

@@ -17,6 +17,19 @@ important a block, the more often it is replaced). Each step then
      R = exp(-loss), and REINFORCE with a baseline takes one Adam step on
      -(R - b) * log P(sample | s); b is an exponential moving average of R (`baseline_decay`),
      started at the first reward.
+What the harmonizers learn is selectable (`objective`): "lm", the mixed network's LM loss above
+(free to learn a different middle from the one it replaces); "match", that plus `match_weight` x
+the normalised MSE mean((t - s)^2) / mean(t^2) between the mixed network's hidden state after each
+run of harmonized blocks and the original network's at the same block (as OT's distillation);
+"local", each harmonizer regressed on its own block's input -> output in the original network
+(every harmonizer, every step). With `policy_samples` K >= 2 the importance step scores K sampled
+mixed networks on the same held-out batch and each sample's advantage is its reward minus the
+mean of the other K - 1 (leave-one-out; unbiased, no state across steps); the logits are trained
+by AdamW without weight decay at `policy_lr`. After training, unless `direct_sequences` is 0,
+each block is measured directly: the held-out loss increase when it alone is swapped for its
+harmonizer; the artifact records it, the ranking it gives, and its Spearman correlation with the
+learned importance (`ranking="direct"` in stage (b) uses it instead). `rank_fraction` sets the
+harmonizer rank as a share of the hidden size.
 The data is packed generic text (`offsite.tasks.load_generic_text`) unless `data` names a task or
 a JSONL file; the last `heldout_fraction` of the packed blocks is the held-out reward set. The
 result is an owner-side artifact (a bundle of kind "scaleot-artifact": harmonizers.safetensors
@@ -28,7 +41,9 @@ without retraining. Checkpoints (offsite.checkpoint) make the run resumable bit 
 the triplet (N_a, alpha, beta): N_a = num_bottom + num_top adapter blocks, verbatim; of the M
 middle blocks the round(alpha * M) least important (lowest s_i; round half up) are replaced by
 their harmonizers (never a block whose KV cache transformers reads for all blocks: block 0 and
-the first block of each attention type, see `cache_anchor_blocks`); the attention projections of every kept middle block get Selective Rank
+the first block of each attention type, see `cache_anchor_blocks`, nor, with
+`protect_adapter_neighbours` (default), the first and last middle block, which LayerDrop always
+keeps; `replaced_blocks` names the blocks outright, for ablations); the attention projections of every kept middle block get Selective Rank
 Compression: beta is the fraction of rank KEPT, each attention linear W (out x in) becomes its
 rank-r truncated SVD with r = ceil(beta * min(in, out)) (at least 1; beta = 1 leaves the block
 verbatim). The FFN is never touched. A truncated matrix is stored as a LowRankLinear (two thin
@@ -71,7 +86,9 @@ ARTIFACT_KIND = "scaleot-artifact"
 HARMONIZERS_FILE = "harmonizers.safetensors"
 HARMONIZER_PARAMS = ("down.weight", "down.bias", "up.weight", "up.bias")
 # Settings that may change when a run is resumed (they do not change what a step computes).
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "direct_sequences")
+OBJECTIVES = ("lm", "match", "local")
+RANKINGS = ("learned", "direct")
 
 
 # ------------------------------------------------------------------ stage (a): settings
@@ -82,7 +99,21 @@ class ImportanceConfig:
     num_bottom: int = 2  # adapter the artifact is made for: harmonizers cover the blocks in between
     num_top: int = 2
     rank: int = 64  # harmonizer rank
+    rank_fraction: float | None = None  # rank as a fraction of the hidden size (overrides `rank`)
     activation: str = "relu"
+    # What the harmonizers learn: "lm" the mixed network's LM loss; "match" that plus match_weight x the
+    # normalised MSE between the mixed network's hidden state after each harmonized span and the original
+    # network's at the same block; "local" each harmonizer regressed on its own block's input -> output
+    # (normalised MSE, on the original network's activations; no mixed network in its step).
+    objective: str = "lm"
+    match_weight: float = 30.0
+    # Importance: K mixed networks per step, all scored on the same held-out batch. K = 1: REINFORCE
+    # against an EMA baseline; K >= 2: against the leave-one-out mean of the other K - 1 rewards.
+    policy_samples: int = 1
+    # After training, measure each block directly: held-out loss with that block alone swapped for its
+    # harmonizer, on this many held-out sequences (0: skip); the artifact records the Spearman
+    # correlation of this with the learned importance.
+    direct_sequences: int = 32
     group_size: int = 4
     steps: int = 300
     batch_size: int = 8
@@ -105,6 +136,14 @@ class ImportanceConfig:
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.rank_fraction is not None and not (isinstance(self.rank_fraction, (int, float)) and 0 < self.rank_fraction <= 1):
+            raise ConfigError(f"rank_fraction must be in (0, 1], got {self.rank_fraction!r}")
+        if not (math.isfinite(self.match_weight) and self.match_weight >= 0):
+            raise ConfigError(f"match_weight must be a finite number >= 0, got {self.match_weight}")
+        if self.policy_samples < 1 or self.direct_sequences < 0:
+            raise ConfigError(f"policy_samples must be >= 1 and direct_sequences >= 0, got {self.policy_samples}, {self.direct_sequences}")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be at least 2 (half of each group is replaced), got {self.group_size}")
         for name in ("rank", "steps", "batch_size", "block_size", "log_every"):
@@ -126,6 +165,9 @@ class ImportanceConfig:
 
     def middle(self, num_blocks: int) -> list[int]:
         return EmulatorConfig(self.num_bottom, self.num_top).middle_blocks(num_blocks)
+
+    def harmonizer_rank(self, hidden_size: int) -> int:
+        return max(1, round(self.rank_fraction * hidden_size)) if self.rank_fraction is not None else self.rank
 
 
 def make_groups(middle: list[int], group_size: int) -> list[list[int]]:
@@ -253,6 +295,61 @@ def _use_bf16(config: ImportanceConfig, device: torch.device) -> bool:
     return config.mixed_precision == "bf16" or torch.cuda.is_bf16_supported()
 
 
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean((t - s)^2) / mean(t^2) over the positions where `mask` is 1 (OT's distillation loss):
+    scale-free, so blocks with large activations do not outweigh the rest."""
+    m = mask.unsqueeze(-1).to(teacher.dtype)
+    return (((student.float() - teacher.float()) ** 2) * m).sum() / ((teacher.float() ** 2) * m).sum().clamp_min(1e-12)
+
+
+class _Taps:
+    """Forward hooks recording the hidden states a module reads (`inputs`) and returns (`outputs`), by key."""
+
+    def __init__(self):
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+        self._handles = []
+
+    def watch(self, module: nn.Module, key, record_input: bool = False) -> None:
+        def hook(mod, args, out):
+            if record_input:
+                self.inputs[key] = args[0]
+            self.outputs[key] = out[0] if isinstance(out, tuple) else out
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def span_ends(replaced: list[int]) -> list[int]:
+    """The last block of each run of consecutive replaced blocks."""
+    return [b for b in replaced if b + 1 not in replaced]
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return torch.tensor(r, dtype=torch.float64)
+
+    a, b = ranks(x), ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denominator if denominator else 0.0
+
+
 def _run_identity(config: ImportanceConfig, fingerprint: str) -> dict:
     """What a checkpoint must agree with to be resumed."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
@@ -299,8 +396,9 @@ def estimate_importance(
     groups = make_groups(middle, config.group_size)
     position = {b: i for i, b in enumerate(middle)}
     hidden = model.config.hidden_size
-    if config.rank > hidden:
-        raise ConfigError(f"rank {config.rank} is more than the hidden size {hidden}")
+    rank = config.harmonizer_rank(hidden)
+    if rank > hidden:
+        raise ConfigError(f"rank {rank} is more than the hidden size {hidden}")
     fingerprint = model_fingerprint(model)
     identity = _run_identity(config, fingerprint)
     train_set, heldout_set = split_features(tokenizer, texts if texts is not None else importance_texts(config), config)
@@ -316,7 +414,7 @@ def estimate_importance(
 
     torch.manual_seed(config.seed)
     dtype = next(model.parameters()).dtype
-    harmonizers = new_harmonizers(model, layout, middle, config.rank, config.activation)
+    harmonizers = new_harmonizers(model, layout, middle, rank, config.activation)
     logits = nn.Parameter(torch.full((len(middle),), float(config.init_logit), device=device))
     optimizer = torch.optim.AdamW([
         {"params": list(harmonizers.parameters()), "lr": config.lr, "weight_decay": config.weight_decay},
@@ -343,29 +441,46 @@ def estimate_importance(
     model.eval()  # no dropout: the mixed network is compared across steps by its loss
     model.requires_grad_(False)
     try:
-        while step < config.steps:
-            replaced, log_prob = sample_replaced(logits, groups, position)
+        def use(replaced: list[int]) -> None:
             for i in middle:
                 blocks[i] = harmonizers[str(i)] if i in replaced else originals[i]
+
+        while step < config.steps:
+            samples = [sample_replaced(logits, groups, position) for _ in range(config.policy_samples)]
+            replaced = samples[0][0]
             batch = _batch(train_set, train_indices(len(train_set), step, config.batch_size, config.seed), device)
             with autocast():
-                loss = causal_lm_loss(model, batch)
+                loss = harmonizer_loss(model, blocks, originals, harmonizers, middle, replaced, batch, config, use)
             loss.backward()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            held = [(step * config.batch_size + j) % len(heldout_set) for j in range(config.batch_size)]
-            with torch.no_grad(), autocast():
-                heldout_loss = float(causal_lm_loss(model, _batch(heldout_set, held, device)))
-            reward = math.exp(-heldout_loss)
-            baseline = reward if baseline is None else baseline
-            (-(reward - baseline) * log_prob).backward()
+            # Importance: every sample scored on the same held-out batch.
+            held = _batch(heldout_set, [(step * config.batch_size + j) % len(heldout_set) for j in range(config.batch_size)], device)
+            rewards = []
+            for sample, _ in samples:
+                use(sample)
+                with torch.no_grad(), autocast():
+                    rewards.append(math.exp(-float(causal_lm_loss(model, held))))
+            heldout_loss = -math.log(rewards[0])
+            reward = sum(rewards) / len(rewards)
+            if len(samples) == 1:
+                baseline = reward if baseline is None else baseline
+                advantages = [rewards[0] - baseline]
+            else:  # leave-one-out: each sample against the mean of the others, no state carried between steps
+                total = sum(rewards)
+                advantages = [r - (total - r) / (len(rewards) - 1) for r in rewards]
+            policy_loss = -sum(a * lp for a, (_, lp) in zip(advantages, samples)) / len(samples)
+            policy_loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            baseline = config.baseline_decay * baseline + (1 - config.baseline_decay) * reward
+            if len(samples) == 1:
+                baseline = config.baseline_decay * baseline + (1 - config.baseline_decay) * reward
+            else:
+                baseline = reward
 
             step += 1
             window.append(float(loss.detach()))
@@ -380,6 +495,10 @@ def estimate_importance(
                                 {"baseline": baseline, "history": history, "window": window, "identity": identity})
                 if callback:
                     callback(step)
+        direct = None
+        if config.direct_sequences:
+            direct = measure_swaps(model, blocks, originals, harmonizers, middle, heldout_set[: config.direct_sequences],
+                                   config.batch_size, device, autocast)
     finally:
         bar.close()
         for i in middle:
@@ -408,18 +527,91 @@ def estimate_importance(
             "config": dataclasses.asdict(config),
             "middle": middle,
             "groups": groups,
-            "harmonizer": {"rank": config.rank, "activation": config.activation},
+            "harmonizer": {"rank": rank, "activation": config.activation},
             "importance": importance,
             "ranking": least_important_first({e["block"]: e["logit"] for e in importance}),
             "training": training,
         },
     }
+    if direct is not None:
+        learned = [e["logit"] for e in importance]
+        increase = [direct["loss_increase"][str(b)] for b in middle]
+        direct["spearman_with_learned"] = round(spearman(learned, increase), 4)
+        direct["ranking"] = least_important_first({b: v for b, v in zip(middle, increase)})
+        manifest["scaleot"]["direct"] = direct
+        log(f"[scaleot] direct swap measurement: Spearman correlation with the learned importance "
+            f"{direct['spearman_with_learned']:+.2f}; least important first {direct['ranking']}")
     tensors = {f"{i}.{n}": p.detach().cpu().contiguous().clone() for i in middle for n, p in harmonizers[str(i)].named_parameters()}
     path = write_artifact(out_dir, manifest, tensors, overwrite=overwrite)
     keep = {e["block"]: e["keep_probability"] for e in importance}
     log("[scaleot] keep probability by block, least important first: "
         + ", ".join(f"{b}: {keep[b]:.2f}" for b in manifest["scaleot"]["ranking"]))
     return path
+
+
+def harmonizer_loss(model, blocks, originals, harmonizers, middle, replaced, batch, config: ImportanceConfig, use) -> torch.Tensor:
+    """The loss one harmonizer step minimises, by `config.objective` (see ImportanceConfig)."""
+    from ..training import causal_lm_loss
+
+    mask = batch["attention_mask"]
+    if config.objective == "local":
+        use([])  # the original network: every middle block's own input and output
+        taps = _Taps()
+        for i in middle:
+            taps.watch(originals[i], i, record_input=True)
+        try:
+            with torch.no_grad():
+                model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+        finally:
+            taps.close()
+        losses = []
+        for i in middle:
+            out = harmonizers[str(i)](taps.inputs[i].detach())
+            losses.append(normalised_mse(out[0] if isinstance(out, tuple) else out, taps.outputs[i].detach(), mask))
+        return sum(losses) / len(losses)
+    if config.objective == "match" and replaced:
+        ends = span_ends(replaced)
+        use([])
+        teacher = _Taps()
+        for e in ends:
+            teacher.watch(originals[e], e)
+        try:
+            with torch.no_grad():
+                model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, output_hidden_states=False)
+        finally:
+            teacher.close()
+        use(replaced)
+        student = _Taps()
+        for e in ends:
+            student.watch(harmonizers[str(e)], e)
+        try:
+            lm = causal_lm_loss(model, batch)
+        finally:
+            student.close()
+        match = sum(normalised_mse(student.outputs[e], teacher.outputs[e].detach(), mask) for e in ends) / len(ends)
+        return lm + config.match_weight * match
+    use(replaced)
+    return causal_lm_loss(model, batch)
+
+
+@torch.no_grad()
+def measure_swaps(model, blocks, originals, harmonizers, middle, sequences, batch_size, device, autocast) -> dict:
+    """Held-out loss with each middle block alone swapped for its harmonizer, against the original network's."""
+    from ..training import causal_lm_loss
+
+    def heldout_loss(swapped: list[int]) -> float:
+        for i in middle:
+            blocks[i] = harmonizers[str(i)] if i in swapped else originals[i]
+        total = 0.0
+        for start in range(0, len(sequences), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(sequences))))
+            with autocast():
+                total += float(causal_lm_loss(model, _batch(sequences, chunk, device))) * len(chunk)
+        return total / len(sequences)
+
+    base = heldout_loss([])
+    return {"sequences": len(sequences), "base_loss": round(base, 6),
+            "loss_increase": {str(b): round(heldout_loss([b]) - base, 6) for b in middle}}
 
 
 def importance_checkpoint(model_path: str | Path, out_dir: str | Path, config: ImportanceConfig | None = None,
@@ -459,6 +651,7 @@ class Artifact:
     rank: int
     activation: str
     harmonizers: dict[int, dict[str, torch.Tensor]]  # block -> {down.weight, down.bias, up.weight, up.bias}
+    direct: dict[int, float] | None = None  # block -> held-out loss increase when swapped alone (if measured)
 
     @property
     def base_fingerprint(self) -> str:
@@ -468,7 +661,13 @@ class Artifact:
     def hidden_size(self) -> int:
         return self.manifest["base"]["hidden_size"]
 
-    def ranking(self) -> list[int]:
+    def ranking(self, source: str = "learned") -> list[int]:
+        """Middle blocks, least important first, by the learned logits or the direct swap measurement."""
+        if source == "direct":
+            if self.direct is None:
+                raise ConfigError(f"scaleot artifact {self.path} has no direct swap measurement (stage (a) ran with "
+                                  "direct_sequences=0); use ranking='learned'")
+            return least_important_first(self.direct)
         return least_important_first(self.logits)
 
 
@@ -512,7 +711,15 @@ def load_artifact(path: str | Path) -> Artifact:
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         fail("non-finite harmonizer weights")
     harmonizers = {b: {n: tensors[f"{b}.{n}"] for n in HARMONIZER_PARAMS} for b in middle}
-    return Artifact(path, manifest, middle, {e["block"]: float(e["logit"]) for e in importance}, rank, spec["activation"], harmonizers)
+    direct = None
+    if "direct" in body:
+        increase = body["direct"].get("loss_increase") if isinstance(body["direct"], dict) else None
+        if not isinstance(increase, dict) or set(increase) != {str(b) for b in middle} or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in increase.values()):
+            fail("direct.loss_increase must give a finite number for every middle block")
+        direct = {int(b): float(v) for b, v in increase.items()}
+    return Artifact(path, manifest, middle, {e["block"]: float(e["logit"]) for e in importance}, rank, spec["activation"],
+                    harmonizers, direct)
 
 
 # ------------------------------------------------------------------ stage (b): the emulator
@@ -528,6 +735,10 @@ class ScaleOTConfig(EmulatorConfig):
     artifact: str | None = None  # directory written by `offsite scaleot-importance`
     alpha: float = 0.5
     beta: float = 1.0
+    # Never replace the first and last middle block (the adapter's neighbours), as LayerDrop always keeps them.
+    protect_adapter_neighbours: bool = True
+    ranking: str = "learned"  # "learned" importance logits, or "direct" (each block swapped alone, see stage (a))
+    replaced_blocks: list[int] | None = None  # ablations: exactly these middle blocks become harmonizers (alpha unused)
 
     def __post_init__(self):
         if not self.artifact:
@@ -536,6 +747,11 @@ class ScaleOTConfig(EmulatorConfig):
             raise ConfigError(f"alpha (fraction of middle blocks replaced by harmonizers) must be in [0, 1], got {self.alpha!r}")
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta <= 1:
             raise ConfigError(f"beta (fraction of attention rank kept in the kept middle blocks) must be in (0, 1], got {self.beta!r}")
+        if self.ranking not in RANKINGS:
+            raise ConfigError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        if self.replaced_blocks is not None and (not isinstance(self.replaced_blocks, list) or not all(
+                type(b) is int for b in self.replaced_blocks) or sorted(set(self.replaced_blocks)) != self.replaced_blocks):
+            raise ConfigError(f"replaced_blocks must be distinct ascending block indices, got {self.replaced_blocks!r}")
 
 
 def num_replaced(alpha: float, num_middle: int) -> int:
@@ -570,12 +786,20 @@ def select_replaced(config: ScaleOTConfig, artifact: Artifact, num_blocks: int, 
             f"scaleot artifact {artifact.path} has harmonizers for blocks {artifact.middle[0]}-{artifact.middle[-1]} only, "
             f"not for middle blocks {missing}; use a larger adapter or run stage (a) with a smaller one"
         )
-    ranked = [b for b in artifact.ranking() if b in middle and b not in anchors]
+    if config.replaced_blocks is not None:
+        bad = [b for b in config.replaced_blocks if b not in middle or b in anchors]
+        if bad:
+            raise ConfigError(f"replaced_blocks {bad} are not replaceable middle blocks (middle {middle[0]}-{middle[-1]}, "
+                              f"KV-cache anchors {sorted(anchors)})")
+        return list(config.replaced_blocks)
+    if config.protect_adapter_neighbours:
+        anchors = set(anchors) | {middle[0], middle[-1]}
+    ranked = [b for b in artifact.ranking(config.ranking) if b in middle and b not in anchors]
     count = num_replaced(config.alpha, len(middle))
     if count > len(ranked):
         raise ConfigError(f"alpha={config.alpha} replaces {count} of {len(middle)} middle blocks, but blocks "
-                          f"{sorted(set(middle) & set(anchors))} hold the KV cache that transformers reads for all blocks "
-                          f"and cannot be replaced; at most {len(ranked)} can")
+                          f"{sorted(set(middle) & set(anchors))} are never replaced (the KV-cache anchors transformers reads for "
+                          f"all blocks, and the adapter's neighbours unless protect_adapter_neighbours=False); at most {len(ranked)} can")
     return sorted(ranked[:count])
 
 
