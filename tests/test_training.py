@@ -46,6 +46,49 @@ def test_resume_reaches_the_same_adapter(emulator_dir, examples, tmp_path, lora)
     assert json.loads((resumed / "manifest.json").read_text())["metrics"]["steps"] == 12
 
 
+def test_overwrite_then_crash_then_resume_never_resumes_the_old_run(emulator_dir, examples, tmp_path):
+    """Regression: a longer run A, then `--overwrite` with a shorter run B that crashes, then `--resume`
+    used to export A's weights under B's settings (pruning kept A's higher step numbers)."""
+    run = tmp_path / "run"
+    finetune(emulator_dir, examples, run, FinetuneConfig(batch_size=2, epochs=3, lr=1e-3, checkpoint_every=2), progress=False)
+    short = FinetuneConfig(batch_size=2, max_steps=4, lr=5e-4, checkpoint_every=2)
+    expected = load_file(finetune(emulator_dir, examples, tmp_path / "clean", short, progress=False) / "adapter.safetensors")
+
+    import offsite.training as T
+
+    real_save = T.save_adapter
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies after its last checkpoint, before the export
+
+    T.save_adapter = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(emulator_dir, examples, run, short, overwrite=True, progress=False)
+    finally:
+        T.save_adapter = real_save
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002", "step-00000004"]  # only B's
+    resumed = finetune(emulator_dir, examples, run, short, resume=True, overwrite=True, progress=False)
+    got = load_file(resumed / "adapter.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert json.loads((resumed / "manifest.json").read_text())["training"]["lr"] == 5e-4
+
+
+def test_resume_refuses_checkpoints_of_another_run(emulator_dir, examples, tmp_path):
+    run = tmp_path / "run"
+    finetune(emulator_dir, examples, run, FinetuneConfig(batch_size=2, max_steps=4, lr=1e-3, checkpoint_every=2), progress=False)
+    shutil.rmtree(run / "adapter")
+    other = FinetuneConfig(batch_size=2, max_steps=4, lr=1e-2, checkpoint_every=2)
+    with pytest.raises(ConfigError, match="belongs to another run"):
+        finetune(emulator_dir, examples, run, other, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="belongs to another run"):  # same settings, other data
+        finetune(emulator_dir, examples[:-1], run, FinetuneConfig(batch_size=2, max_steps=4, lr=1e-3, checkpoint_every=2),
+                 resume=True, progress=False)
+    # checkpoint_every and log_every may change on resume
+    finetune(emulator_dir, examples, run, FinetuneConfig(batch_size=2, max_steps=4, lr=1e-3, checkpoint_every=1, log_every=3),
+             resume=True, progress=False)
+
+
 def test_existing_adapter_is_not_overwritten(emulator_dir, examples, tmp_path):
     config = FinetuneConfig(batch_size=8, max_steps=1)
     adapter = finetune(emulator_dir, examples, tmp_path / "run", config, progress=False)

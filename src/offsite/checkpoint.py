@@ -109,6 +109,17 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def checkpoint_position(path: Path) -> dict:
+    """The loop position a checkpoint saved (read before anything is restored)."""
+    return json.loads((path / STATE).read_text())["position"]
+
+
+def clear_checkpoints(directory: Path) -> None:
+    """Remove every checkpoint of `directory` (a run started over must never resume an older one)."""
+    for old in list_checkpoints(directory):
+        _remove(old)
+
+
 def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict:
     """Restore tensors, optimizer, scheduler and RNG in place; return the saved loop position."""
     meta = json.loads((path / STATE).read_text())

@@ -8,6 +8,8 @@ one GPU or several GPUs (`accelerate launch -m offsite.cli finetune ...`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .adapter import LoraSettings, save_adapter
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_position, clear_checkpoints, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, Example, epoch_order, pad_batch, tokenize_example
 from .emulator import LoadedEmulator, load_emulator
 from .errors import ConfigError
@@ -165,6 +167,8 @@ def finetune(
         raise ConfigError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite")
 
     sign_key = load_private_key(sign_key) if sign_key is not None else None  # fail before training
+    if overwrite and not resume:
+        clear_checkpoints(ckpt_dir)  # starting over: the old run's checkpoints must never be resumed
 
     set_seed(config.seed)
     emulator = load_emulator(bundle_dir, dtype=torch.float32, trusted_key=trusted_key)
@@ -176,6 +180,25 @@ def finetune(
         save_adapter(run.model, emulator, adapter_dir, training, run.metrics, lora, overwrite=overwrite, sign_key=sign_key)
     run.accelerator.wait_for_everyone()
     return adapter_dir
+
+
+# FinetuneConfig fields that may change when a run is resumed (they do not change what a step computes).
+RESUMABLE_CHANGES = ("checkpoint_every", "log_every")
+
+
+def run_identity(config: FinetuneConfig, features: list[dict], params: dict[str, torch.nn.Parameter]) -> str:
+    """SHA-256 of what a run computes from: its settings, its tokenised data and the starting values of
+    the trainable tensors (which ties it to the emulator). Saved in every checkpoint; resume requires it."""
+    from .bundle import tensor_bytes
+
+    h = hashlib.sha256()
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(json.dumps(features, sort_keys=True).encode())
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(tensor_bytes(params[name].detach()))
+    return h.hexdigest()
 
 
 @dataclass
@@ -237,8 +260,12 @@ def train(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, epoch, skip = 0, 0, 0
+    identity = run_identity(config, features, params)
     if resume and ckpt_dir and list_checkpoints(ckpt_dir):
         latest = list_checkpoints(ckpt_dir)[-1]
+        if checkpoint_position(latest).get("run") != identity:
+            raise ConfigError(f"{latest} belongs to another run (other settings, data or starting weights); "
+                              "resume needs the same run, or pass --overwrite to start over")
         pos = load_checkpoint(latest, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler)
         step, epoch, skip = pos["step"], pos["epoch"], pos["batches_done"]
         accelerator.print(f"resumed from {latest} at step {step}")
@@ -283,7 +310,8 @@ def train(
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 if ckpt_dir and accelerator.is_main_process:
                     done_epoch = batches_done >= epoch_len
-                    position = {"epoch": epoch + 1 if done_epoch else epoch, "batches_done": 0 if done_epoch else batches_done}
+                    position = {"epoch": epoch + 1 if done_epoch else epoch, "batches_done": 0 if done_epoch else batches_done,
+                                "run": identity}
                     save_checkpoint(ckpt_dir, step, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler, position)
                 if callback:
                     callback(step, accelerator.unwrap_model(model))
