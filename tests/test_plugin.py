@@ -195,3 +195,36 @@ def test_signed_adapter_is_verified_before_plug_in(base_dir, trained, examples, 
         plugin_checkpoint(base_dir, trained["full"], tmp_path / "out", emulator=trained["emulator"], trusted_key=data_pub)
     out = plugin_checkpoint(base_dir, signed, tmp_path / "out", emulator=trained["emulator"], trusted_key=data_pub, sign_key=data_key)
     assert read_manifest(out, trusted_key=data_pub)["emulator"]["fingerprint"]
+
+
+def test_a_file_swapped_after_verification_is_refused(base_dir, trained, monkeypatch):
+    """Regression (#23.2): the file was hashed, then reopened by path: a writer swapping it in between
+    got unhashed tensors loaded. Now the bytes parsed are the bytes hashed."""
+    import offsite.bundle as B
+
+    adapter = trained["full"]
+    weights = adapter / "adapter.safetensors"
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}
+    real_verify = B.verify_files
+
+    def verify_then_swap(*args, **kwargs):
+        real_verify(*args, **kwargs)
+        save_file(poisoned, weights)  # same names, shapes and size: only the hash can tell
+
+    monkeypatch.setattr(B, "verify_files", verify_then_swap)
+    with pytest.raises(BundleError, match="changed while read"):
+        load_adapter(adapter)
+
+
+def test_loaded_tensors_are_not_views_of_the_file(base_dir, trained):
+    """Regression (#23.2): memory-mapped tensors changed when the file was written after the checks."""
+    adapter = trained["full"]
+    weights = adapter / "adapter.safetensors"
+    bundle = load_adapter(adapter)
+    before = {k: v.clone() for k, v in bundle.tensors.items()}
+    data = bytearray(weights.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    data[8 + n:] = b"\xff" * (len(data) - 8 - n)  # NaN everywhere, written in place
+    with open(weights, "r+b") as f:
+        f.write(data)
+    assert all(torch.equal(bundle.tensors[k], before[k]) for k in before)

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .bundle import DTYPES, bundle_fingerprint, read_json_member, read_manifest, safetensors_header, write_bundle
+from .bundle import DTYPES, bundle_fingerprint, load_verified_safetensors, read_json_member, read_manifest, write_bundle
 from .emulator import LoadedEmulator
 from .errors import BundleError
 from .surgery import BlockLayout
@@ -189,14 +188,11 @@ def load_adapter(bundle_dir: str | Path, trusted_key=None) -> AdapterBundle:
     weights = LORA_WEIGHTS if spec["type"] == "lora" else FULL_WEIGHTS
     if weights not in manifest["files"]:
         raise BundleError(f"adapter bundle lacks {weights}: {bundle_dir}")
-    header = safetensors_header(bundle_dir / weights)
+    # One read: the bytes hashed are the bytes parsed, and the tensors are copies (no view of the file).
+    tensors, header = load_verified_safetensors(bundle_dir, weights, manifest)
     found = sorted({FLOAT_DTYPES.get(dtype, dtype) for dtype, _ in header.values()})
     if found != sorted(set(spec["dtypes"])):
         raise BundleError(f"{weights} holds tensors of dtype {found}, the manifest declares {spec['dtypes']}: {bundle_dir}")
-    try:
-        tensors = load_file(bundle_dir / weights)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BundleError(f"{weights} is not a readable safetensors file ({str(e)[:200]}): {bundle_dir}") from None
     lora = _read_lora(bundle_dir, manifest) if spec["type"] == "lora" else None
     return AdapterBundle(manifest, tensors, lora)
 
@@ -204,7 +200,7 @@ def load_adapter(bundle_dir: str | Path, trusted_key=None) -> AdapterBundle:
 def _read_lora(bundle_dir: Path, manifest: dict) -> LoraSettings:
     if LORA_CONFIG not in manifest["files"]:
         raise BundleError(f"LoRA adapter bundle lacks {LORA_CONFIG}: {bundle_dir}")
-    raw = read_json_member(bundle_dir / LORA_CONFIG, LORA_CONFIG, max_bytes=1024 * 1024)
+    raw = read_json_member(bundle_dir / LORA_CONFIG, LORA_CONFIG, max_bytes=1024 * 1024, meta=manifest["files"][LORA_CONFIG])
     if not isinstance(raw, dict):
         raise BundleError(f"{LORA_CONFIG} is not a JSON object: {bundle_dir}")
     for field in ("modules_to_save", "trainable_token_indices", "layers_to_transform"):

@@ -108,7 +108,10 @@ def read_member(path: Path, max_bytes: int, what: str) -> bytes:
     if st.st_size > max_bytes:
         raise BundleError(f"{what} is too large ({st.st_size} bytes, limit {max_bytes}): {path}")
     with os.fdopen(_open_nofollow(path), "rb") as f:
-        return f.read(max_bytes + 1)[:max_bytes]
+        data = f.read(min(st.st_size, max_bytes) + 1)  # one byte more than expected: a file that grew is caught
+    if len(data) > max_bytes:
+        raise BundleError(f"{what} is too large (grew past the limit of {max_bytes} bytes while read): {path}")
+    return data
 
 
 def _reject_constant(name: str):
@@ -124,8 +127,12 @@ def parse_json(data: bytes, where: Path | str) -> object:
         raise BundleError(f"not valid JSON ({reason}): {where}") from None
 
 
-def read_json_member(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> object:
-    return parse_json(read_member(path, max_bytes, what), path)
+def read_json_member(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES, meta: dict | None = None) -> object:
+    """A JSON bundle file; with its manifest entry `meta`, the bytes parsed are checked against its hash."""
+    data = read_member(path, max_bytes, what)
+    if meta is not None and (len(data) != meta.get("size") or hashlib.sha256(data).hexdigest() != meta.get("sha256")):
+        raise BundleError(f"bundle file {path.name} does not match its SHA-256 (corrupt, tampered or changed while read): {path.parent}")
+    return parse_json(data, path)
 
 
 @torch.no_grad()
@@ -408,15 +415,49 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     where = f"{path.name} in {path.parent}"
     with os.fdopen(_open_nofollow(path), "rb") as f:
         prefix = f.read(8)
-        if len(prefix) < 8:
-            raise BundleError(f"{where} is not a safetensors file (truncated header)")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_SAFETENSORS_HEADER or n > size - 8:
-            raise BundleError(f"{where} declares a header of {n} bytes in a file of {size} bytes")
+        n = _header_length(prefix, size, where)
         header = parse_json(f.read(n), path)
+    return _check_header(header, size - 8 - n, where)
+
+
+def _header_length(prefix: bytes, size: int, where: str) -> int:
+    if len(prefix) < 8:
+        raise BundleError(f"{where} is not a safetensors file (truncated header)")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_SAFETENSORS_HEADER or n > size - 8:
+        raise BundleError(f"{where} declares a header of {n} bytes in a file of {size} bytes")
+    return n
+
+
+def load_verified_safetensors(bundle_dir: Path, rel: str, manifest: dict, limits: Limits | None = None) -> tuple[dict, dict]:
+    """(tensors, header) of bundle file `rel`, from one read whose bytes are checked against the manifest.
+
+    Hashing a file and then reopening it by path (or memory-mapping it) lets a concurrent writer
+    swap the content in between; here the bytes that are hashed are the bytes that are parsed, and
+    the tensors are copies, so nothing written to the file later reaches them.
+    """
+    limits = limits or Limits.from_env()
+    meta = manifest["files"].get(rel)
+    if not isinstance(meta, dict):
+        raise BundleError(f"bundle lacks {rel}: {bundle_dir}")
+    data = read_member(bundle_dir / rel, limits.max_file_bytes, rel)
+    if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise BundleError(f"bundle file {rel} does not match its SHA-256 (corrupt, tampered or changed while read): {bundle_dir}")
+    where = f"{rel} in {bundle_dir}"
+    n = _header_length(data[:8], len(data), where)
+    header = _check_header(parse_json(data[8 : 8 + n], where), len(data) - 8 - n, where)
+    from safetensors.torch import load as load_bytes
+
+    try:
+        tensors = load_bytes(data)
+    except Exception as e:  # noqa: BLE001 - the library's own view of a malformed file, as one line
+        raise BundleError(f"{where} is not a readable safetensors file ({str(e)[:200]})") from None
+    return tensors, header
+
+
+def _check_header(header: object, data_size: int, where: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not isinstance(header, dict):
         raise BundleError(f"{where} has a safetensors header that is not a JSON object")
-    data_size = size - 8 - n
     spans, out = [], {}
     for name, info in header.items():
         if name == "__metadata__":
