@@ -228,3 +228,57 @@ def test_loaded_tensors_are_not_views_of_the_file(base_dir, trained):
     with open(weights, "r+b") as f:
         f.write(data)
     assert all(torch.equal(bundle.tensors[k], before[k]) for k in before)
+
+
+def _edit_lora_config(adapter_dir, change):
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    rehash(adapter_dir)
+
+
+def test_fan_in_fan_out_on_linear_layers_is_refused_before_the_model_changes(base_dir, trained):
+    """Regression (#23.3): fan_in_fan_out=true on nn.Linear passed every check, then PEFT raised and
+    left the model wrapped with its logits moved."""
+    adapter = trained["lora"]
+    _edit_lora_config(adapter, lambda c: c.update(fan_in_fan_out=True))
+    model = base_model(base_dir)
+    ids = torch.randint(3, 300, (1, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(PluginError, match="fan_in_fan_out=True"):
+        plug_in(model, adapter, emulator=trained["emulator"])
+    assert not any("lora" in name for name, _ in model.named_modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("ratio", [None, MAX_NORM_RATIO])
+def test_lora_factors_that_merge_to_infinity_are_refused(base_dir, trained, ratio):
+    """Regression (#23.4): with the norm bound off, finite factors merged to inf and the plugged model
+    was written with inf tensors."""
+    adapter = trained["lora"]
+
+    def huge(tensors):
+        for key in tensors:
+            tensors[key] = torch.full_like(tensors[key], 1e20)
+
+    edit_tensors(adapter, huge)
+    match = "merges to infinite" if ratio is None else "over the bound"
+    assert_rejected_and_untouched(base_dir, adapter, match, emulator=trained["emulator"], max_norm_ratio=ratio)
+
+
+def test_a_peft_failure_leaves_the_model_unwrapped(base_dir, trained, monkeypatch):
+    import offsite.plugin as P
+
+    def broken(peft_model, tensors):
+        raise RuntimeError("simulated PEFT failure\nsecond line")
+
+    monkeypatch.setattr(P, "set_peft_model_state_dict", broken)
+    model = base_model(base_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PluginError, match="could not be applied .RuntimeError: simulated PEFT failure.$"):
+        plug_in(model, trained["lora"], emulator=trained["emulator"])
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -155,6 +155,8 @@ def _apply(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, m
         _check_tensors(bundle.tensors, expected)
         for key, value in bundle.tensors.items():
             _check_norm(key, float(torch.linalg.vector_norm(value.float())), expected[key], max_norm_ratio)
+            if not torch.isfinite(value.to(expected[key].dtype)).all():  # e.g. float32 values past bfloat16's range
+                raise PluginError(f"adapter tensor {key} overflows the model's {expected[key].dtype} (infinite once stored)")
         with torch.no_grad():
             for key, value in bundle.tensors.items():
                 expected[key].copy_(value)
@@ -162,12 +164,21 @@ def _apply(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, m
 
     _check_tensors(bundle.tensors, _lora_shapes(model, layout, bundle))
     _check_lora_norms(model, bundle, max_norm_ratio)
-    peft_model = get_peft_model(model, bundle.lora.to_peft(model.name_or_path))
-    if set(get_peft_model_state_dict(peft_model)) != set(bundle.tensors):
-        peft_model.unload()
-        raise PluginError("PEFT built different LoRA tensors than the adapter holds")
-    set_peft_model_state_dict(peft_model, bundle.tensors)
-    return peft_model.merge_and_unload() if merge else peft_model
+    _check_merged_finite(model, bundle)
+    # Everything is checked; PEFT wraps the model in place, so any failure from here unwraps it again.
+    peft_model = None
+    try:
+        peft_model = get_peft_model(model, bundle.lora.to_peft(model.name_or_path))
+        if set(get_peft_model_state_dict(peft_model)) != set(bundle.tensors):
+            raise PluginError("PEFT built different LoRA tensors than the adapter holds")
+        set_peft_model_state_dict(peft_model, bundle.tensors)
+        return peft_model.merge_and_unload() if merge else peft_model
+    except Exception as e:
+        if peft_model is not None:
+            peft_model.unload()
+        if isinstance(e, PluginError):
+            raise
+        raise PluginError(f"LoRA adapter could not be applied ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def _lora_shapes(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle) -> dict[str, torch.Tensor]:
@@ -178,12 +189,31 @@ def _lora_shapes(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBun
         raise PluginError(f"LoRA targets modules outside the adapter blocks: {[t[:100] for t in outside[:3]]}")
     r, expected = bundle.lora.r, {}
     for target in bundle.lora.target_modules:
-        weight = model.get_submodule(target).weight
+        module = model.get_submodule(target)
+        is_conv1d = type(module).__name__ == "Conv1D"
+        if bundle.lora.fan_in_fan_out != is_conv1d:  # PEFT would fail (or silently transpose) after wrapping
+            raise PluginError(f"LoRA config sets fan_in_fan_out={bundle.lora.fan_in_fan_out}, but {target[:100]} is "
+                              f"{'a Conv1D (in, out)' if is_conv1d else 'an nn.Linear (out, in)'}")
+        weight = module.weight
         # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out).
         out_f, in_f = weight.shape if not bundle.lora.fan_in_fan_out else weight.shape[::-1]
         expected[f"{PEFT_PREFIX}{target}.lora_A.weight"] = torch.empty(r, in_f, device="meta")
         expected[f"{PEFT_PREFIX}{target}.lora_B.weight"] = torch.empty(out_f, r, device="meta")
     return expected
+
+
+@torch.no_grad()
+def _check_merged_finite(model: PreTrainedModel, bundle: AdapterBundle) -> None:
+    """W + (alpha/r) B A must be finite in the model's own dtype for every target, whatever the norm bound."""
+    scale = bundle.lora.lora_alpha / bundle.lora.r
+    for target in bundle.lora.target_modules:
+        weight = model.get_submodule(target).weight
+        a = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_A.weight"].float()
+        b = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_B.weight"].float()
+        delta = scale * (b @ a)
+        merged = weight.float() + (delta.T if bundle.lora.fan_in_fan_out else delta)
+        if not torch.isfinite(merged.to(weight.dtype)).all():
+            raise PluginError(f"LoRA update of {target[:100]} merges to infinite or NaN weights in {weight.dtype}")
 
 
 def _check_lora_norms(model: PreTrainedModel, bundle: AdapterBundle, ratio: float | None) -> None:
