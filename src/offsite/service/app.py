@@ -26,6 +26,7 @@ from .. import __version__
 from ..errors import OffsiteError
 from .config import ServeConfig
 from .errors import ServiceError
+from .guard import BodyRefused, Guard
 from .jobs import JobSettings, Worker
 from .published import Catalog, RangeNotSatisfiable, find_member, open_regular, parse_range
 from .representations import HTTP_LIMITS, MAX_TOP_K, RepresentationSource
@@ -296,6 +297,14 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(StoreClosed)
     async def _closed(request: Request, exc: StoreClosed):
         return JSONResponse({"detail": "the server is stopping"}, status_code=503)
+
+    @app.exception_handler(BodyRefused)
+    async def _body_refused(request: Request, exc: BodyRefused):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers={"Connection": "close"})
+
+    # Token, body caps and stalled bodies are checked before FastAPI reads a body (see offsite.service.guard).
+    app.add_middleware(Guard, authenticate=store.authenticate, max_json_bytes=config.max_json_bytes,
+                       max_upload_bytes=config.max_upload_bytes, body_timeout=config.body_timeout)
 
     def current_owner(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Owner:
         owner = store.authenticate(credentials.credentials) if credentials is not None else None

@@ -19,6 +19,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 2 * 1024**3
+    max_json_bytes: int = 16 * 1024**2  # any other request body (jobs with own docs, representation queries)
+    body_timeout: float = 30.0  # seconds a request body may stall before the request ends with 408
+    max_connections: int = 64  # concurrent connections and requests; past it uvicorn answers 503
     device: str = "auto"  # where jobs and representation queries run
     eval_batch_size: int = 16
     max_norm_ratio: float = 100.0  # plug-in norm bound of jobs (see offsite plugin); 0 disables
@@ -26,7 +29,9 @@ class ServeConfig:
     log_level: str = "info"
 
     def __post_init__(self):
-        for name in ("max_upload_bytes", "eval_batch_size", "max_attempts"):
+        if not self.body_timeout > 0:
+            raise ConfigError(f"body_timeout must be positive, got {self.body_timeout}")
+        for name in ("max_upload_bytes", "max_json_bytes", "max_connections", "eval_batch_size", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:

@@ -39,7 +39,7 @@ def url_of(sock: socket.socket) -> str:
 def _uvicorn(service: Service, log_level: str) -> uvicorn.Server:
     # Our own handler config: uvicorn's default one would replace the root logger's handlers.
     config = uvicorn.Config(create_app(service), log_level=log_level, log_config=None, access_log=log_level == "debug",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, limit_concurrency=service.config.max_connections, timeout_keep_alive=5)
     return uvicorn.Server(config)
 
 

@@ -1,0 +1,120 @@
+"""The service refuses what it must before reading a body: no token, too large, stalled; connections
+are bounded. Raw sockets on loopback, so a body that is never sent shows the server did not wait for it."""
+
+import json
+import socket
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+from offsite.service.config import ServeConfig
+from offsite.service.server import ServerThread
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guard")
+    (root / "bundles").mkdir()
+    config = ServeConfig(bundles=str(root / "bundles"), state=str(root / "state"), port=0, max_json_bytes=10_000,
+                         body_timeout=0.5, max_connections=4)
+    with ServerThread(config) as srv:
+        yield srv
+
+
+def request(srv, head: str, body: bytes = b"", wait: float = 5.0) -> tuple[int, dict]:
+    """Send the request head (and `body`, possibly less than it declares); return (status, JSON)."""
+    url = urlparse(srv.url)
+    with socket.create_connection((url.hostname, url.port), timeout=wait) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    payload = data.split(b"\r\n\r\n", 1)[1]
+    return status, json.loads(payload) if payload.startswith(b"{") else {"text": payload.decode(errors="replace")}
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+def head(method: str, path: str, length: int | None, token: str | None = None, chunked: bool = False) -> str:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    return "\r\n".join(lines) + "\r\n"
+
+
+@pytest.fixture(scope="module")
+def secret(guarded):
+    return guarded.service.store.create_token("alice")
+
+
+def test_no_token_is_refused_before_the_body_is_read(guarded):
+    """Regression (#23.5): a 60 MB body without a token was read and parsed before its 401."""
+    status, body = request(guarded, head("POST", "/v1/jobs", 60_000_000), b"")  # the body is never sent
+    assert status == 401 and "token" in body["detail"]
+    status, _ = request(guarded, head("POST", "/v1/jobs", 60_000_000, token="ofs.bogus.secret"), b"")
+    assert status == 401
+
+
+def test_a_declared_body_over_the_cap_is_refused_at_once(guarded, secret):
+    status, body = request(guarded, head("POST", "/v1/jobs", 1_000_000_000, token=secret), b"")
+    assert status == 413 and "limit of 10000 bytes" in body["detail"]
+
+
+def test_a_chunked_body_over_the_cap_is_refused(guarded, secret):
+    chunk = b"a" * 8_000
+    body = b"".join(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(3)) + b"0\r\n\r\n"
+    status, detail = request(guarded, head("POST", "/v1/jobs", None, token=secret, chunked=True), body)
+    assert status == 413 and "larger than the limit" in detail["detail"]
+
+
+def test_a_stalled_body_ends_with_408(guarded, secret):
+    """Regression (#23.5): a body that never arrives held its connection open forever."""
+    start = time.monotonic()
+    status, body = request(guarded, head("POST", "/v1/jobs", 500, token=secret), b'{"upload": ', wait=10)
+    assert status == 408 and "stalled" in body["detail"] and time.monotonic() - start < 8
+
+
+def test_a_stalled_upload_ends_with_408(guarded, secret):
+    lines = head("POST", "/v1/uploads", 5_000, token=secret).replace("application/json", "application/x-tar")
+    status, body = request(guarded, lines, b"x" * 100, wait=10)
+    assert status == 408 and "stalled" in body["detail"]
+
+
+def test_an_upload_over_the_cap_is_refused_at_once(guarded, secret):
+    lines = head("POST", "/v1/uploads", 10**12, token=secret).replace("application/json", "application/x-tar")
+    status, body = request(guarded, lines, b"")
+    assert status == 413
+
+
+def test_open_paths_need_no_token(guarded):
+    status, body = request(guarded, head("GET", "/v1/health", None))
+    assert status == 200
+
+
+def test_connections_are_bounded(guarded):
+    """Past max_connections, uvicorn answers 503 instead of queueing without bound."""
+    url = urlparse(guarded.url)
+    idle = [socket.create_connection((url.hostname, url.port), timeout=5) for _ in range(6)]
+    try:
+        for s in idle:  # each holds a request open by never finishing its head
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)
+        status, _ = request(guarded, head("GET", "/v1/health", None))
+        assert status == 503
+    finally:
+        for s in idle:
+            s.close()
