@@ -47,7 +47,7 @@ SIZES = {"85": (22, 22 / 26), "50": (13, 0.5)}
 
 # ScaleOT stage (a), one artifact per harmonizer objective: K = 4 policy samples with the leave-one-out
 # baseline, harmonizer rank ~3% of d (the paper's rank 64 on d = 2048 is 3.1%), direct swap measurement.
-IMPORTANCE = {"steps": 200, "rank_fraction": 1 / 32, "policy_samples": 4, "batch_size": 8, "block_size": 128,
+IMPORTANCE = {"steps": 120, "rank_fraction": 1 / 32, "policy_samples": 4, "batch_size": 8, "block_size": 128,
               "checkpoint_every": 20, "direct_sequences": 32}
 # alpha per size: 4 of 26 blocks replaced (~85% of the middle), 13 (~50%); harmonizers add < 0.6%.
 SCALEOT_ALPHA = {"85": 0.15, "50": 0.5}

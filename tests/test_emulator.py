@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from offsite.bundle import model_fingerprint
-from offsite.emulator import load_emulator, save_emulator
+from offsite.emulator import compress_checkpoint, load_emulator, save_emulator
 from offsite.errors import BundleError, ConfigError
 from offsite.methods import build_emulator, make_config
 from offsite.methods.layerdrop import uniform_indices
@@ -148,3 +148,45 @@ def test_loading_a_non_emulator_is_refused(tmp_path, base_dir):
         load_emulator(base_dir)
     with pytest.raises(BundleError, match="no such directory"):
         load_emulator(tmp_path / "missing")
+
+
+def _edit_config(bundle_dir, change):
+    import json as _json
+
+    from conftest import rehash
+
+    path = bundle_dir / "config.json"
+    config = _json.loads(path.read_text())
+    change(config)
+    path.write_text(_json.dumps(config))
+    rehash(bundle_dir)
+
+
+@pytest.mark.parametrize("family, change", [
+    ("gpt2", {"n_positions": 10**9}),  # position embeddings of 1e9 x d
+    ("llama", {"vocab_size": 10**8}),  # an embedding far beyond the shipped weights
+    ("llama", {"intermediate_size": 10**7}),
+])
+def test_a_config_size_bomb_is_refused_before_anything_is_allocated(family, change, tmp_path):
+    """Regression (#23.6): a bundle under 1 MB could ask the loader for hundreds of GB through config numbers."""
+    from tiny import save_tiny_checkpoint
+
+    from offsite.errors import BundleError
+
+    save_tiny_checkpoint(family, tmp_path / "base")
+    emu = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    _edit_config(emu, lambda c: c.update(change))
+    with pytest.raises(BundleError, match="far more than its"):
+        load_emulator(emu)
+
+
+def test_an_unsupported_model_type_is_refused(tmp_path):
+    from tiny import save_tiny_checkpoint
+
+    from offsite.errors import BundleError
+
+    save_tiny_checkpoint("gpt2", tmp_path / "base")
+    emu = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    _edit_config(emu, lambda c: c.update(model_type="gptj"))
+    with pytest.raises(BundleError, match="model_type 'gptj', not one of the supported"):
+        load_emulator(emu)

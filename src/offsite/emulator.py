@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,33 @@ FORBIDDEN_CONFIG_KEYS = frozenset(
 )
 
 
+# The families whose emulators offsite builds and tests (tests/tiny.py); a bundle naming any other
+# model_type is refused before transformers builds anything from its config.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "gpt2", "opt", "gpt_neox", "bloom", "phi"})
+# The model a config implies (parameters and buffers, in the load dtype) may be at most this many times
+# the bundle's weight bytes, plus MODEL_SIZE_SLACK: a float16 bundle loaded in float32 doubles, a GradOT
+# middle rebuilt from its declaration is smaller than the plain architecture the estimate builds.
+MODEL_SIZE_FACTOR = 4
+MODEL_SIZE_SLACK = 1 << 30
+
+
+def check_config_size(config, dtype: torch.dtype, weight_bytes: int, where: Path) -> int:
+    """Bytes of the model `config` describes, from a meta-device build (nothing allocated), or a one-line
+    BundleError when that is far more than the bundle's weights can fill (a config-size bomb)."""
+    limit = int(os.environ.get("OFFSITE_MAX_MODEL_BYTES") or MODEL_SIZE_FACTOR * weight_bytes + MODEL_SIZE_SLACK)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - whatever transformers makes of a hostile config becomes one line
+        raise BundleError(f"emulator config.json does not describe a model ({_first_line(e)}): {where}") from None
+    size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    if size > limit:
+        raise BundleError(f"emulator config.json describes a model of {size / 2**30:,.1f} GiB, far more than its "
+                          f"{weight_bytes / 2**20:,.1f} MiB of weights can fill (limit {limit / 2**30:,.1f} GiB, "
+                          f"OFFSITE_MAX_MODEL_BYTES): {where}")
+    return size
+
+
 def _forbidden_keys(value, found: set[str]) -> set[str]:
     if isinstance(value, dict):
         found |= FORBIDDEN_CONFIG_KEYS & set(value)
@@ -158,8 +186,13 @@ def load_emulator(
     dtype = dtype or parse_dtype(manifest["base"].get("dtype", "float32"))
     try:
         config = AutoConfig.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise BundleError(f"emulator config.json names model_type {str(config.model_type)[:40]!r}, not one of the supported "
+                              f"families {sorted(SUPPORTED_MODEL_TYPES)}: {bundle_dir}")
         if getattr(config, "num_hidden_layers", None) != len(manifest["blocks"]["map"]):
             raise BundleError(f"emulator config.json does not have the {len(manifest['blocks']['map'])} blocks its manifest maps: {bundle_dir}")
+        weight_bytes = sum(meta["size"] for name, meta in manifest["files"].items() if name.endswith(".safetensors"))
+        check_config_size(config, dtype, weight_bytes, bundle_dir)
         # A restructured middle (e.g. GradOT) is rebuilt from its declaration before the weights load.
         model_class = structured_class(config, manifest) if "structure" in manifest else AutoModelForCausalLM
         model, info = model_class.from_pretrained(
