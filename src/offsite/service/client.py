@@ -22,7 +22,7 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from ..bundle import MANIFEST, SIGNATURE, bundle_fingerprint, parse_json, read_manifest, sha256_file
+from ..bundle import MANIFEST, MAX_SIGNATURE_BYTES, SIGNATURE, Limits, bundle_fingerprint, parse_json, read_manifest, sha256_file
 from ..durable import atomic_write
 from ..errors import BundleError, OffsiteError
 from .errors import RemoteError
@@ -34,6 +34,7 @@ _TRANSIENT = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnec
 
 
 URL_ENV, TOKEN_ENV = "OFFSITE_URL", "OFFSITE_TOKEN"  # where --url/--token default from
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # any JSON answer (lists, reports, representations)
 
 
 class Client:
@@ -109,18 +110,33 @@ class Client:
             body, headers = json.dumps(payload).encode(), {"Content-Type": "application/json"}
         response = self._send(method, path, body, headers)
         self._check(response, ok)
-        data = response.read()
+        data = self._read_bounded(response, MAX_ANSWER_BYTES, f"the answer to {method} {path}")
         if response.will_close:
             self.close()
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise RemoteError(f"{self.url} answered {method} {path} with something that is not JSON") from None
 
-    def _get_bytes(self, path: str, missing_ok: bool = False) -> bytes | None:
+    def _read_bounded(self, response: http.client.HTTPResponse, limit: int, what: str) -> bytes:
+        """The whole body, refusing (before reading, when Content-Length says so) more than `limit` bytes."""
+        declared = response.getheader("Content-Length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            self.close()
+            raise RemoteError(f"server sent {what} of {declared} bytes, more than the limit of {limit}")
+        data = response.read(limit + 1)
+        if len(data) > limit:
+            self.close()
+            raise RemoteError(f"server sent {what} of more than {limit} bytes")
+        return data
+
+    def _get_bytes(self, path: str, missing_ok: bool = False, limit: int = MAX_ANSWER_BYTES) -> bytes | None:
         response = self._send("GET", path)
         if missing_ok and response.status == 404:
             response.read()
             return None
         self._check(response)
-        return response.read()
+        return self._read_bounded(response, limit, path)
 
     # ------------------------------------------------------------ API
     def health(self) -> dict:
@@ -190,13 +206,14 @@ class Client:
             raise BundleError(f"output already exists, not overwriting: {out}")
         partial = out.parent / f".{out.name}.partial"
         base = f"/v1/bundles/{_quote(name)}/files/"
-        manifest_bytes = self._get_bytes(base + MANIFEST)
-        files = _file_table(parse_json(manifest_bytes, f"{name}/{MANIFEST} from {self.url}"), name)
+        limits = Limits.from_env()
+        manifest_bytes = self._get_bytes(base + MANIFEST, limit=limits.max_manifest_bytes)
+        files = _file_table(parse_json(manifest_bytes, f"{name}/{MANIFEST} from {self.url}"), name, limits)
         if partial.is_dir() and (not (partial / MANIFEST).is_file() or (partial / MANIFEST).read_bytes() != manifest_bytes):
             shutil.rmtree(partial)  # another bundle, or a changed one: nothing to resume
         partial.mkdir(parents=True, exist_ok=True)
         atomic_write(partial / MANIFEST, manifest_bytes)
-        signature = self._get_bytes(base + SIGNATURE, missing_ok=True)
+        signature = self._get_bytes(base + SIGNATURE, missing_ok=True, limit=MAX_SIGNATURE_BYTES)
         if signature is not None:
             atomic_write(partial / SIGNATURE, signature)
         else:
@@ -231,8 +248,14 @@ class Client:
                     raise RemoteError(f"server sent {rel} from byte {first or '?'}, asked for {have}")
             else:
                 have = 0
+            declared = response.getheader("Content-Length")
+            if declared is not None and (not declared.isdigit() or int(declared) > size - have):
+                raise RemoteError(f"server would send {declared} bytes of {rel}, whose manifest size leaves {size - have}")
             with open(dest, "ab" if have else "wb") as f:
-                while chunk := response.read(self.chunk_size):
+                # Never more than the manifest declares: one byte past it is the server lying.
+                while chunk := response.read(min(self.chunk_size, size - have + 1)):
+                    if have + len(chunk) > size:
+                        raise RemoteError(f"server sent more of {rel} than the {size} bytes its manifest declares")
                     f.write(chunk)
                     have += len(chunk)
                     if progress is not None:
@@ -269,11 +292,14 @@ def _quote(part: str) -> str:
     return urllib.parse.quote(part, safe="")
 
 
-def _file_table(manifest: object, name: str) -> dict:
-    """The manifest's file table, with names that stay inside the download folder."""
+def _file_table(manifest: object, name: str, limits: Limits | None = None) -> dict:
+    """The manifest's file table, with names that stay inside the download folder and sizes within the limits."""
+    limits = limits or Limits.from_env()
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
         raise BundleError(f"the manifest of {name} lists no files")
+    if len(files) > limits.max_files:
+        raise BundleError(f"the manifest of {name} lists {len(files)} files, more than the limit of {limits.max_files}")
     for rel, meta in files.items():
         try:
             check_member_name(rel)
@@ -282,4 +308,11 @@ def _file_table(manifest: object, name: str) -> dict:
         if rel in (MANIFEST, SIGNATURE) or not isinstance(meta, dict) or type(meta.get("size")) is not int \
                 or meta["size"] < 0 or not isinstance(meta.get("sha256"), str):
             raise BundleError(f"the manifest of {name} has a malformed entry for {rel[:100]!r}")
+        if meta["size"] > limits.max_file_bytes:
+            raise BundleError(f"the manifest of {name} declares {rel[:100]!r} of {meta['size']} bytes, more than the limit "
+                              f"of {limits.max_file_bytes} (OFFSITE_MAX_FILE_BYTES)")
+    total = sum(meta["size"] for meta in files.values())
+    if total > limits.max_bundle_bytes:
+        raise BundleError(f"the manifest of {name} declares {total} bytes in all, more than the limit of "
+                          f"{limits.max_bundle_bytes} (OFFSITE_MAX_BUNDLE_BYTES)")
     return files
