@@ -118,3 +118,44 @@ def test_connections_are_bounded(guarded):
     finally:
         for s in idle:
             s.close()
+
+
+def test_links_inside_a_published_bundle_are_never_followed(tmp_path):
+    """Regression (#23.9): a folder link inside a published bundle was followed (O_NOFOLLOW guards only the
+    last path component) and the service returned a file from outside the bundles directory."""
+    import hashlib
+    import os
+
+    from conftest import edit_manifest
+    from tiny import save_tiny_checkpoint
+
+    from offsite.emulator import compress_checkpoint
+    from offsite.methods import make_config
+    from offsite.service.client import Client
+
+    save_tiny_checkpoint("llama", tmp_path / "base")
+    bundles = tmp_path / "bundles"
+    emu = compress_checkpoint(tmp_path / "base", bundles / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"owner's secret")
+    (emu / "extra").mkdir()
+    (emu / "extra" / "secret.txt").write_bytes(b"owner's secret")  # a real folder first: published, listed
+    entry = {"sha256": hashlib.sha256(b"owner's secret").hexdigest(), "size": 14}
+    edit_manifest(emu, lambda m: m["files"].update({"extra/secret.txt": entry}))
+    config = ServeConfig(bundles=str(bundles), state=str(tmp_path / "state"), port=0)
+    with ServerThread(config) as srv:
+        client = Client(srv.url, srv.service.store.create_token("alice"))
+        assert [b["name"] for b in client.list_bundles()] == ["emu"]
+        assert client._get_bytes("/v1/bundles/emu/files/extra/secret.txt") == b"owner's secret"
+        # swapped for a link to a folder outside, after the bundle was published (and cached)
+        for f in (emu / "extra").iterdir():
+            f.unlink()
+        (emu / "extra").rmdir()
+        os.symlink(outside, emu / "extra")
+        with pytest.raises(Exception, match="404"):
+            client._get_bytes("/v1/bundles/emu/files/extra/secret.txt")
+    # a bundle holding a link anywhere is not published at all
+    with ServerThread(ServeConfig(bundles=str(bundles), state=str(tmp_path / "state2"), port=0)) as srv:
+        client = Client(srv.url, srv.service.store.create_token("bob"))
+        assert client.list_bundles() == []

@@ -192,6 +192,12 @@ def _walk(directory: Path, limits: Limits | None = None) -> dict[str, int]:
     return found
 
 
+def bundle_members(directory: Path, limits: Limits | None = None) -> dict[str, int]:
+    """Every file of a bundle folder (relative path -> size) from lstat alone; a link anywhere, to a
+    file or a folder, or anything but regular files and folders, is a BundleError."""
+    return _walk(directory, limits)
+
+
 def _listed_files(directory: Path, sync: bool = False) -> dict[str, dict]:
     """The manifest's file table for `directory`: SHA-256 and size of every file."""
     return {rel: {"sha256": sha256_file(directory / rel, sync), "size": size} for rel, size in sorted(_walk(directory).items())}

@@ -28,7 +28,7 @@ from .config import ServeConfig
 from .errors import ServiceError
 from .guard import BodyRefused, Guard
 from .jobs import JobSettings, Worker
-from .published import Catalog, RangeNotSatisfiable, find_member, open_regular, parse_range
+from .published import Catalog, RangeNotSatisfiable, find_member, parse_range
 from .representations import HTTP_LIMITS, MAX_TOP_K, RepresentationSource
 from .store import Job, Owner, Store, StoreClosed, Upload
 from .uploads import ARCHIVE_TYPE, SizeLimitedWriter, accept_upload
@@ -352,7 +352,7 @@ def create_app(service: Service) -> FastAPI:
         with the ETag (the file's SHA-256), so an interrupted download resumes safely."""
         bundle = catalog.get(name)
         member = find_member(bundle, path) if bundle is not None else None
-        opened = open_regular(member.path) if member is not None else None
+        opened = member.open() if member is not None else None
         if opened is None:
             raise ServiceError(404, f"no file {path[:200]!r} in a published bundle {name[:100]!r}")
         file, size = opened

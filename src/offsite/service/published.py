@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundle import MANIFEST, SIGNATURE, bundle_fingerprint, read_manifest
+from ..bundle import MANIFEST, SIGNATURE, bundle_fingerprint, bundle_members, read_manifest
 from ..emulator import check_blocks
 from ..errors import ConfigError, OffsiteError
 
@@ -93,6 +93,7 @@ class Catalog:
         try:
             manifest = read_manifest(path, kind="emulator", verify=False, trusted_key=False)
             check_blocks(manifest, path)
+            bundle_members(path)  # lstat walk: a link anywhere inside (a folder too) and the bundle is not published
             bundle = PublishedBundle(name, path, manifest, signed)
         except OffsiteError as e:
             log.warning("not publishing %s: %s", path, e)
@@ -109,28 +110,51 @@ class Catalog:
 class Member:
     """One downloadable file of a published bundle."""
 
-    path: Path
+    bundle: Path
+    rel: str
     etag: str  # the SHA-256 the manifest gives it (manifest and signature: of their bytes)
+
+    def open(self):
+        return open_regular(self.bundle, self.rel)
 
 
 def find_member(bundle: PublishedBundle, rel: str) -> Member | None:
     """The file `rel` of `bundle` if it may be downloaded, else None."""
     if rel in (MANIFEST, SIGNATURE):  # small; hashed when asked for
-        opened = open_regular(bundle.path / rel)
+        opened = open_regular(bundle.path, rel)
         if opened is None:
             return None
         with opened[0] as f:
-            return Member(bundle.path / rel, hashlib.sha256(f.read()).hexdigest())
+            return Member(bundle.path, rel, hashlib.sha256(f.read()).hexdigest())
     meta = bundle.manifest["files"].get(rel)
-    return Member(bundle.path / rel, meta["sha256"]) if meta is not None else None
+    return Member(bundle.path, rel, meta["sha256"]) if meta is not None else None
 
 
-def open_regular(path: Path):
-    """Open a file for reading without following links; (file, size) or None if it is not a regular file."""
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def open_regular(directory: Path, rel: str):
+    """Open `directory/rel` for reading without following a link at *any* component (each folder is
+    opened relative to the one before, O_NOFOLLOW); (file, size), or None if it is not a regular file
+    reached through real folders. O_NOFOLLOW on the whole path guards only its last component."""
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        folder = os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW)
     except OSError:
         return None
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        fd = os.open(parts[-1], os.O_RDONLY | _NOFOLLOW, dir_fd=folder)
+    except OSError:
+        return None
+    finally:
+        os.close(folder)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
