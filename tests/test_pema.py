@@ -536,3 +536,20 @@ def test_a_stateless_owner_gives_the_same_generation(llama, tokenizer, head_dir)
     loaded = LoadedPemaAdapter(adapter.eval(), {"memory": {"mean_target_length": 3.0}})
     config = GenerateConfig(max_new_tokens=5, stop_at_newline=False)
     assert generate_ids(RemoteOwner(server), head, prompts, loaded, config) == generate_ids(server, head, prompts, loaded, config)
+
+
+def test_representation_requests_are_bounded_before_any_work():
+    """Regression (#23.8): per-request memory was not bounded (long prompts, all log-probs), and a prompt
+    longer than the model's positions was a 500."""
+    from offsite.errors import ConfigError
+    from offsite.pema.owner import RepresentationRequest, RepresentationServer, ServerLimits
+
+    model = tiny_model("gpt2")  # 128 positions
+    server = RepresentationServer(model, ServerLimits(max_batch_tokens=200, max_logit_values=5_000))
+    with pytest.raises(ConfigError, match="more than the model's 128 positions"):
+        server.represent(RepresentationRequest([[5] * 120], greedy_steps=20))
+    with pytest.raises(ConfigError, match="over 200 tokens in one batch"):
+        server.represent(RepresentationRequest([[5] * 60] * 4))
+    with pytest.raises(ConfigError, match="next-token log-probabilities"):
+        server.represent(RepresentationRequest([[5] * 10] * 2, forced=[[6] * 9] * 2, log_probs=None))  # 20 rows x 320
+    assert server.represent(RepresentationRequest([[5] * 10] * 2, log_probs=0)).representations[0].shape == (1, 32)

@@ -370,6 +370,21 @@ def test_token_isolation(world, server):
         assert error.value.status == 401
 
 
+def test_queued_jobs_are_capped_per_owner(world, tmp_path):
+    """Regression (#23.8): a data owner could queue unlimited jobs."""
+    with ServerThread(config(world, tmp_path / "state", max_jobs_per_owner=2)) as srv:
+        srv.service.worker.stop()  # nothing runs: every job stays queued
+        alice, bob = Client(srv.url, token(srv, "alice")), Client(srv.url, token(srv, "bob"))
+        upload = alice.upload(world["adapter"])
+        alice.submit(upload["id"], docs=DOCS[:2])
+        alice.submit(upload["id"], docs=DOCS[:2])
+        with pytest.raises(RemoteError) as error:
+            alice.submit(upload["id"], docs=DOCS[:2])
+        assert error.value.status == 429 and "limit 2" in str(error.value)
+        other = bob.upload(world["adapter"])
+        assert bob.submit(other["id"], docs=DOCS[:2])["state"] == "queued"  # another owner is not affected
+
+
 def test_job_failures_are_reported(world, server, tmp_path):
     client = Client(server.url, token(server, "kate"))
     upload = client.upload(world["adapter"])

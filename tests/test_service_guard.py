@@ -159,3 +159,38 @@ def test_links_inside_a_published_bundle_are_never_followed(tmp_path):
     with ServerThread(ServeConfig(bundles=str(bundles), state=str(tmp_path / "state2"), port=0)) as srv:
         client = Client(srv.url, srv.service.store.create_token("bob"))
         assert client.list_bundles() == []
+
+
+def test_representation_queries_take_owners_in_turn():
+    """Regression (#23.8): one lock served queries in arrival order, so one data owner's stream starved
+    the others. Waiting queries are now served one owner after another, and each owner may have only a
+    few waiting."""
+    import threading
+
+    from offsite.service.errors import ServiceError
+    from offsite.service.representations import FairTurns
+
+    turns = FairTurns(max_pending=3)
+    served, started = [], []
+    turns.acquire("holder")  # the model is busy
+
+    def query(owner, tag):
+        started.append(tag)
+        with turns(owner):
+            served.append(tag)
+
+    threads = []
+    for owner, tag in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1")]:
+        t = threading.Thread(target=query, args=(owner, tag))
+        t.start()
+        threads.append(t)
+        while tag not in started:
+            time.sleep(0.001)
+        time.sleep(0.05)  # queued in this order
+    with pytest.raises(ServiceError, match="already waiting") as e:
+        turns.acquire("a")  # a has 3 waiting
+    assert e.value.status == 429
+    turns.release()
+    for t in threads:
+        t.join(5)
+    assert served == ["a1", "b1", "c1", "a2", "a3"]

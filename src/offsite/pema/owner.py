@@ -88,6 +88,10 @@ class ServerLimits:
     max_prompts: int = 256
     max_tokens: int = 8192  # per prompt: prompt + forced + greedy steps
     max_steps: int = 1024
+    # What a request costs in memory: the padded batch (prompts x longest sequence with its steps), and
+    # next-token log-probabilities (rows x vocabulary) when they are computed (log_probs, greedy steps).
+    max_batch_tokens: int = 65_536
+    max_logit_values: int = 64_000_000  # float32: 256 MB
 
 
 class RepresentationServer:
@@ -107,6 +111,16 @@ class RepresentationServer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes (None when its config sets no bound)."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def info(self) -> dict:
         """What a client checks before trusting answers: which model, which shapes."""
@@ -172,8 +186,21 @@ class RepresentationServer:
             raise ConfigError(f"greedy_steps must be one integer in [0, {self.limits.max_steps}], or one per prompt")
         if any(not p for p in prompts):
             raise ConfigError("every prompt needs at least one token")
-        if any(len(p) + len(f) + s > self.limits.max_tokens for p, f, s in zip(prompts, forced, steps)):
+        lengths = [len(p) + len(f) + s for p, f, s in zip(prompts, forced, steps)]
+        if any(n > self.limits.max_tokens for n in lengths):
             raise ConfigError(f"a prompt with its extension exceeds {self.limits.max_tokens} tokens")
+        positions = self.max_positions
+        if positions is not None and max(lengths) > positions:
+            raise ConfigError(f"a prompt with its extension has {max(lengths)} tokens, more than the model's {positions} positions")
+        if len(prompts) * max(lengths) > self.limits.max_batch_tokens:
+            raise ConfigError(f"the request is {len(prompts)} prompts x {max(lengths)} tokens, over {self.limits.max_batch_tokens:,} "
+                              "tokens in one batch; split it")
+        if log_probs != 0 or max(steps) > 0:
+            keep = max(len(f) for f in forced) + 1
+            rows = max(len(prompts) * keep, sum(1 + len(f) + s for f, s in zip(forced, steps)))
+            if rows * self.vocab_size > self.limits.max_logit_values:
+                raise ConfigError(f"the request needs {rows} rows of {self.vocab_size:,} next-token log-probabilities, over "
+                                  f"{self.limits.max_logit_values:,} values; split it or ask for log_probs=0")
         if log_probs is not None and (type(log_probs) is not int or log_probs < 0):
             raise ConfigError("log_probs must be 0 (none), a positive k (top-k) or None (all)")
 

@@ -186,7 +186,8 @@ class OwnerInfo(BaseModel):
 _REASONS = {
     400: "the body is not JSON", 401: "missing or invalid API token", 404: "not found (or not yours)",
     409: "not ready", 413: "upload too large", 416: "range not satisfiable",
-    422: "rejected: the reason is in `detail`", 503: "no base model configured on this server",
+    422: "rejected: the reason is in `detail`", 429: "too many of your requests waiting; retry later",
+    503: "no base model configured on this server",
 }
 
 
@@ -412,7 +413,7 @@ def create_app(service: Service) -> FastAPI:
         return _upload_info(upload)
 
     # -------------------------------------------------------- jobs
-    @app.post("/v1/jobs", status_code=202, response_model=JobInfo, responses=errors(400, 401, 404, 422, 503), tags=["jobs"])
+    @app.post("/v1/jobs", status_code=202, response_model=JobInfo, responses=errors(400, 401, 404, 422, 429, 503), tags=["jobs"])
     def submit_job(request: JobRequest, owner: Owner = Depends(current_owner)) -> JobInfo:
         """Queue a plug-in + evaluation job: give exactly one of `task` (a built-in task's
         evaluation split) or `docs` (your own multiple-choice docs); `eval_limit` keeps the first N."""
@@ -426,6 +427,10 @@ def create_app(service: Service) -> FastAPI:
         for i, doc in enumerate(request.docs or []):
             if doc.gold >= len(doc.choices):
                 raise ServiceError(422, f"docs[{i}].gold is {doc.gold}, but the doc has {len(doc.choices)} choices")
+        waiting = sum(1 for j in store.list_jobs(owner.name) if j.state in ("queued", "running"))
+        if waiting >= config.max_jobs_per_owner:
+            raise ServiceError(429, f"{waiting} jobs of yours are queued or running (limit {config.max_jobs_per_owner}); "
+                                    "wait for one to finish")
         job = store.add_job(owner.name, request.upload_id, request.model_dump(exclude_none=True, exclude={"upload_id"}))
         service.worker.wake()
         log.info("job %s queued for %s (upload %s)", job.id, owner.name, job.upload_id)
@@ -460,11 +465,11 @@ def create_app(service: Service) -> FastAPI:
         require_model()
         return OwnerInfo(**service.representations.info())
 
-    @app.post("/v1/representations", response_model=RepresentationAnswer, responses=errors(400, 401, 422, 503), tags=["representations"])
+    @app.post("/v1/representations", response_model=RepresentationAnswer, responses=errors(400, 401, 422, 429, 503), tags=["representations"])
     def representations(query: RepresentationQuery, owner: Owner = Depends(current_owner)) -> JSONResponse:
         """Context representations f(c) of the owner's model (and top-k next-token
         log-probabilities) for token-id prompts of the owner's tokenizer; no weights leave."""
         require_model()
-        return JSONResponse(service.representations.represent(query.model_dump()))
+        return JSONResponse(service.representations.represent(query.model_dump(), owner.name))
 
     return app

@@ -25,13 +25,14 @@ class ServeConfig:
     device: str = "auto"  # where jobs and representation queries run
     eval_batch_size: int = 16
     max_norm_ratio: float = 100.0  # plug-in norm bound of jobs (see offsite plugin); 0 disables
+    max_jobs_per_owner: int = 8  # queued or running jobs of one data owner; past it 429
     max_attempts: int = 2  # runs of a job interrupted by server restarts before it is marked failed
     log_level: str = "info"
 
     def __post_init__(self):
         if not self.body_timeout > 0:
             raise ConfigError(f"body_timeout must be positive, got {self.body_timeout}")
-        for name in ("max_upload_bytes", "max_json_bytes", "max_connections", "eval_batch_size", "max_attempts"):
+        for name in ("max_upload_bytes", "max_json_bytes", "max_connections", "max_jobs_per_owner", "eval_batch_size", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
