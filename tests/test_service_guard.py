@@ -194,3 +194,32 @@ def test_representation_queries_take_owners_in_turn():
     for t in threads:
         t.join(5)
     assert served == ["a1", "b1", "c1", "a2", "a3"]
+
+
+def test_absurd_range_headers_are_ignored_not_a_500():
+    from offsite.service.published import parse_range
+
+    assert parse_range("bytes=" + "9" * 5000 + "-", 100) is None
+    assert parse_range("bytes=-" + "1" * 5000, 100) is None
+    assert parse_range("bytes=10-19", 100) == (10, 19)
+
+
+def test_a_file_vanishing_during_the_walk_is_a_bundle_error(tmp_path, monkeypatch):
+    import os
+
+    from offsite.bundle import bundle_members
+    from offsite.errors import BundleError
+
+    (tmp_path / "a.bin").write_bytes(b"x")
+    real = os.scandir
+
+    class Vanishing:
+        def __init__(self, entry):
+            self.entry, self.name, self.path = entry, entry.name, entry.path
+
+        def stat(self, follow_symlinks=True):
+            raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "scandir", lambda p: [Vanishing(e) for e in real(p)])
+    with pytest.raises(BundleError, match="a.bin vanished"):
+        bundle_members(tmp_path)

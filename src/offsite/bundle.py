@@ -170,7 +170,10 @@ def _walk(directory: Path, limits: Limits | None = None) -> dict[str, int]:
             raise BundleError(f"cannot list bundle folder {prefix or '.'} ({e.strerror}): {directory}") from None
         for entry in entries:
             rel = prefix + entry.name
-            st = entry.stat(follow_symlinks=False)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:  # removed (or made unreadable) while the folder was being read
+                raise BundleError(f"bundle file {rel} vanished while the bundle was read ({e.strerror}): {directory}") from None
             if stat.S_ISDIR(st.st_mode):
                 stack.append((Path(entry.path), rel + "/"))
                 continue

@@ -166,7 +166,8 @@ class RangeNotSatisfiable(Exception):
     pass
 
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # 19 digits hold any file size; more is ignored (int() of
+# thousands of digits raises past Python's conversion limit: it was a 500)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
