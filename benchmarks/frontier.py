@@ -40,9 +40,28 @@ from record import ROOT, update_readme
 
 TASKS = "arc_easy,sciq,piqa"
 DISTILL = {"tokens": 150_000, "block_size": 128, "batch_size": 8, "lr": 1e-4, "eval_every": 25, "eval_chars": 10_000}
-# LayerDrop's k for each size on a 26-block middle (22/26 = 84.6%, 13/26 = 50%); the other methods
-# take the same fraction of the middle's parameters.
-SIZES = {"85": (22, 22 / 26), "50": (13, 0.5)}
+# Share of the middle each size keeps. LayerDrop and CRaSh keep k = round(share x M) of the M middle
+# blocks (SmolLM2, M = 26: 22 and 13; Gemma3-270M, M = 14: 12 and 7) and GradOT the same fraction k / M
+# of the middle's parameters, so every method of one size ships the same middle size.
+SHARES = {"85": 0.85, "50": 0.5}
+
+
+def middle_size(model: str) -> int:
+    """M, the middle blocks between the 2 + 2 adapter, from the model's config alone."""
+    from transformers import AutoConfig
+
+    from offsite.models import resolve_model
+
+    model_path, _ = resolve_model(model)
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    return config.get_text_config().num_hidden_layers - 4
+
+
+def size_of(size: str, model: str) -> tuple[int, float]:
+    """(LayerDrop's k, the fraction of the middle's parameters) of a size on this model."""
+    m = middle_size(model)
+    k = round(SHARES[size] * m)
+    return k, k / m
 
 
 # ScaleOT stage (a), one artifact per harmonizer objective: K = 4 policy samples with the leave-one-out
@@ -82,13 +101,13 @@ def scaleot_kept(model: str, objective: str, alpha: float) -> tuple[list[int], l
 
     art = load_artifact(ensure_artifact(model, objective))
     config = make_config("scaleot", artifact=str(art.path), alpha=alpha)
-    replaced = select_replaced(config, art, max(art.middle) + 3)  # 2 + 2 adapter: num_blocks = last middle + 1 + 2
+    replaced = select_replaced(config, art, max(art.middle) + 3)  # 2 + 2 adapter: blocks = last middle + 1 + the top 2
     return replaced, [b for b in art.middle if b not in replaced]
 
 
 def method_spec(name: str, size: str, model: str = "smollm2-135m") -> tuple[str, dict, dict | None]:
     """(method, method_params, distill settings) of a frontier point."""
-    k, fraction = SIZES[size]
+    k, fraction = size_of(size, model)
     if name.startswith("scaleot-"):  # scaleot-<objective>
         objective = name.removeprefix("scaleot-")
         return "scaleot", {"artifact": str(ensure_artifact(model, objective)), "alpha": SCALEOT_ALPHA[size]}, None
@@ -99,7 +118,7 @@ def method_spec(name: str, size: str, model: str = "smollm2-135m") -> tuple[str,
         from offsite.methods.layerdrop import uniform_indices
 
         art = ensure_artifact(model, name.removeprefix("harm@ld-"))
-        middle = list(range(2, 28))
+        middle = list(range(2, 2 + middle_size(model)))
         kept = {middle[0] + i for i in uniform_indices(len(middle), k)}
         return "scaleot", {"artifact": str(art), "replaced_blocks": [b for b in middle if b not in kept]}, None
     if name.startswith("gradot-bal"):  # GradOT's lambda sweep on the balanced scale: gradot-bal<lambda>
