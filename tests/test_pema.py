@@ -570,3 +570,39 @@ def test_style_transfer_task_end_to_end(base_dir, tmp_path, capsys):
                          "--task", "kjv2web", "--limit", 2, "--max-new-tokens", 3)
     assert code == 0 and "(n=2, PEMA, Gradual Unrolling)" in out and "archaic markers per 100 words" in out, err
     assert "copying the source scores sacreBLEU" in out
+    code, out, err = run(capsys, "pema-score", "--model", base_dir, "--head", tmp_path / "head", "--adapter", tmp_path / "pema",
+                         "--task", "kjv2web", "--limit", 2, "--lambdas", "0,0.5", "--out", tmp_path / "scores.json")
+    assert code == 0 and "(the model alone)" in out and "0.50" in out, err
+    assert set(json.loads((tmp_path / "scores.json").read_text())) == {"0.0", "0.5"}
+
+
+def test_mixture_scores_match_the_model_at_lambda_zero(llama, tokenizer, head_dir):
+    """Token-level PEMA evaluation: lambda = 0 is the model's own teacher-forced NLL and accuracy, computed
+    from representations and the head alone; lambda > 0 mixes the two distributions as the formula says."""
+    from offsite.data import encode_pair
+    from offsite.pema.evaluate import best_lambda, mixture_scores
+
+    head = load_head(head_dir)
+    server = RepresentationServer(llama)
+    adapter = PemaAdapter(32, 4, dropout=0.0)
+    with torch.no_grad():
+        adapter.B_pd.normal_(0, 5.0)
+    loaded = LoadedPemaAdapter(adapter, {"memory": {"mean_target_length": 3.0}})
+    examples = qa_examples(5)
+    scores = mixture_scores(server, head, loaded, examples, lambdas=(0.0, 0.5), batch_size=2)
+    nll = hit = n = 0
+    for ex in examples:
+        ctx, cont = encode_pair(tokenizer, ex.context, ex.continuation)
+        with torch.no_grad():
+            logits = llama(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1].float()
+        lp = torch.log_softmax(logits, -1)
+        y = torch.tensor(cont)
+        nll += float(-lp.gather(1, y[:, None]).sum())
+        hit += int((lp.argmax(-1) == y).sum())
+        n += len(cont)
+    assert scores[0.0]["tokens"] == n and scores[0.0]["nll"] == pytest.approx(nll / n, rel=1e-4)
+    assert scores[0.0]["acc"] == pytest.approx(hit / n)
+    assert scores[0.5]["nll"] != scores[0.0]["nll"] and len(scores[0.5]["example_nll"]) == 5
+    assert best_lambda(scores) in (0.0, 0.5)
+    with pytest.raises(ConfigError, match="lambdas must be in"):
+        mixture_scores(server, head, loaded, examples, lambdas=(1.0,))

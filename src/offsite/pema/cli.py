@@ -133,6 +133,31 @@ def cmd_pema_generate(opts: dict) -> None:
         print(f"predictions written to {out}")
 
 
+def cmd_pema_score(opts: dict) -> None:
+    """Held-out NLL and next-token accuracy of lambda * P_PEMA + (1 - lambda) * P_LM, for each lambda."""
+    from .evaluate import LAMBDAS, mixture_scores
+    from .head import load_head
+    from .train import load_pema_adapter
+
+    trusted_key = take(opts, "trusted_key", None)
+    head = load_head(take(opts, "head"), trusted_key=trusted_key)
+    adapter = load_pema_adapter(take(opts, "adapter"), head)
+    lambdas = [float(x) for x in str(take(opts, "lambdas", ",".join(map(str, LAMBDAS)))).split(",") if x]
+    out = take(opts, "out", None)
+    examples = _examples(opts, take(opts, "split", "eval"))
+    server = _server(opts)
+    _reject_leftovers(opts)
+    head.check_owner(server.info())
+    scores = mixture_scores(server, head, adapter, examples, lambdas)
+    print(f"{'lambda':>6}  {'NLL/token':>9}  {'next-token acc':>14}   ({scores[min(scores)]['tokens']:,} target tokens, {len(examples)} examples)")
+    for x, r in scores.items():
+        print(f"{x:>6.2f}  {r['nll']:>9.4f}  {100 * r['acc']:>13.1f}%" + ("   (the model alone)" if x == 0 else ""))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({str(x): r for x, r in scores.items()}, indent=1))
+        print(f"scores written to {out}")
+
+
 def add_commands(command) -> None:
     """Add the PEMA commands through offsite.cli's `command(name, func, help)` helper."""
     S = argparse.SUPPRESS
@@ -166,6 +191,15 @@ def add_commands(command) -> None:
     data_flags(p, split=False)
     trust_flag(p)
     add_dataclass_flags(p, MemoryConfig)
+
+    p = command("pema-score", cmd_pema_score, "PEMA data owner: held-out NLL and accuracy of the mixture for each lambda (no generation).")
+    p.add_argument("--head", default=S, help="the owner's head bundle")
+    p.add_argument("--adapter", default=S, help="the PEMA adapter bundle (pema-train)")
+    p.add_argument("--lambdas", default=S, help="comma-separated mixture weights in [0, 1) (default: 0,0.1,...,0.9)")
+    p.add_argument("--out", default=S, help="write the scores (with per-example NLLs) as JSON here")
+    owner_flags(p)
+    data_flags(p, split=True)
+    trust_flag(p)
 
     p = command("pema-train", cmd_pema_train, "PEMA data owner: train the adapter on the external memory, export its bundle.")
     p.add_argument("--memory", default=S, help="external memory directory (pema-memory)")
