@@ -305,7 +305,7 @@ def test_both_phases_reduce_their_losses_and_phase_2_keeps_B_rct(strong_head, tm
         return out
 
     monkeypatch.setattr(train_module, "_run_phase", recording)
-    config = PemaConfig(rank=8, batch_size=32, epochs=40, patience=5, lr=1e-2)
+    config = PemaConfig(rank=8, batch_size=32, epochs=40, patience=5, lr=1e-2, eval_every=0)
     adapter, metrics = train_pema(memory, strong_head, config, progress=False)
     rct, joint = metrics["rct"], metrics["joint"]
     assert rct["best_val_loss"] < 0.1 * rct["val_history"][0] and rct["last_train_loss"] < 0.1 * rct["first_train_loss"]
@@ -319,7 +319,7 @@ def test_both_phases_reduce_their_losses_and_phase_2_keeps_B_rct(strong_head, tm
 def test_early_stopping_keeps_the_best_weights(strong_head, tmp_path):
     rng = np.random.default_rng(1)  # random labels: nothing generalises, validation gets worse
     memory = toy_memory(tmp_path / "m", rng.normal(size=(240, 32)), rng.integers(10, 300, 240), [4] * 60, strong_head)
-    config = PemaConfig(rank=8, batch_size=16, epochs=50, patience=2, eval_every=5, lr=0.05)
+    config = PemaConfig(rank=8, batch_size=16, epochs=50, patience=2, eval_every=5, lr=0.05, reconstruct_normed=False)
     adapter, metrics = train_pema(memory, strong_head, config, progress=False)
     joint = metrics["joint"]
     assert joint["stopped_early"] and joint["epochs"] < 50
@@ -425,7 +425,8 @@ def test_pema_steers_the_first_tokens_and_gradual_unrolling_hands_over(llama, to
     assert head.head(adapter.predict(f)).argmax(-1).tolist() == [77, 77, 77]
     loaded = LoadedPemaAdapter(adapter.eval(), {"memory": {"mean_target_length": 2.0}})
     plain = generate_ids(server, head, prompts, None, GenerateConfig(max_new_tokens=4, stop_at_newline=False))
-    steered = generate_ids(server, head, prompts, loaded, GenerateConfig(max_new_tokens=4, stop_at_newline=False, lambda_max=1.0))
+    steered = generate_ids(server, head, prompts, loaded, GenerateConfig(max_new_tokens=4, stop_at_newline=False, lambda_max=1.0,
+                                                                          unroll_over="answer"))
     # lambda = 1, 0.25, 0, 0: step 0 is PEMA's token 77, from step 2 on the model decides (greedy given the prefix)
     assert all(s[0] == 77 for s in steered) and all(p[0] != 77 for p in plain)
     continued = server.represent(RepresentationRequest(prompts, forced=[s[:2] for s in steered], greedy_steps=2))
@@ -435,6 +436,24 @@ def test_pema_steers_the_first_tokens_and_gradual_unrolling_hands_over(llama, to
                                                                            gradual_unrolling=False))
     contexts = server.represent(RepresentationRequest(prompts, forced=[c[:3] for c in constant])).representations
     assert [head.head(adapter.predict(torch.from_numpy(r))).argmax(-1).tolist() for r in contexts] == constant
+
+
+def test_unrolling_over_prompt_and_answer_is_per_prompt(llama, tokenizer, head_dir, monkeypatch):
+    """Default (the reference code's L): L = prompt length + expected answer length, one schedule per prompt."""
+    import offsite.pema.generate as G
+
+    seen = []
+    real = G.unrolling_schedule
+    monkeypatch.setattr(G, "unrolling_schedule", lambda lam, length, steps, gradual=True: seen.append(length) or real(lam, length, steps, gradual))
+    head, server, prompts = load_head(head_dir), RepresentationServer(llama), ids(tokenizer)
+    loaded = LoadedPemaAdapter(PemaAdapter(32, 2).eval(), {"memory": {"mean_target_length": 2.0}})
+    G.generate_ids(server, head, prompts, loaded, GenerateConfig(max_new_tokens=2))
+    assert seen == [2.0 + len(p) for p in prompts]
+    seen.clear()
+    G.generate_ids(server, head, prompts, loaded, GenerateConfig(max_new_tokens=2, unroll_over="answer"))
+    assert seen == [2.0] * len(prompts)
+    with pytest.raises(ConfigError, match="unroll_over"):
+        GenerateConfig(unroll_over="prompt")
 
 
 def test_prompt_ids_match_the_memorys_split(tokenizer):
@@ -606,3 +625,29 @@ def test_mixture_scores_match_the_model_at_lambda_zero(llama, tokenizer, head_di
     assert best_lambda(scores) in (0.0, 0.5)
     with pytest.raises(ConfigError, match="lambdas must be in"):
         mixture_scores(server, head, loaded, examples, lambdas=(1.0,))
+
+
+def test_training_defaults_rank_normed_reconstruction_and_what_stopped_it(strong_head, tmp_path):
+    memory = learnable_memory(tmp_path / "m", strong_head)
+    adapter, metrics = train_pema(memory, strong_head, PemaConfig(batch_size=32, epochs=3, eval_every=2), progress=False)
+    assert adapter.rank == 32 // 4  # d / 4 by default
+    assert metrics["joint"]["stopped_by"] in ("patience", "epoch cap") and metrics["rct"]["stopped_by"] in ("patience", "epoch cap")
+    # the normed reconstruction ignores a scale the head never sees: h = 3 f reconstructs f exactly
+    f = torch.randn(5, 32)
+    norm = strong_head.head.norm
+    assert train_module.relative_mse(norm(3 * f).float(), norm(f).float()).item() < 1e-4
+    assert train_module.relative_mse(3 * f, f).item() == pytest.approx(4.0, rel=1e-4)
+
+
+def test_memory_ends_each_answer_with_an_eos_row(llama, tokenizer, head_dir, tmp_path):
+    from offsite.pema import MemoryConfig, build_memory
+    from offsite.pema.memory import ExternalMemory
+
+    examples = qa_examples(3)
+    server = RepresentationServer(llama)
+    with_end = ExternalMemory.open(build_memory(server, tokenizer, examples, tmp_path / "a", MemoryConfig(batch_size=2), progress=False))
+    without = ExternalMemory.open(build_memory(server, tokenizer, examples, tmp_path / "b", MemoryConfig(batch_size=2, end_row=False),
+                                               progress=False))
+    assert len(with_end.values) == len(without.values) + 3
+    ends = np.cumsum(np.load(tmp_path / "a" / "lengths.npy")) - 1
+    assert all(int(with_end.values[i]) == tokenizer.eos_token_id for i in ends)

@@ -22,6 +22,11 @@ never the reference output's length, which the reference code reads from the tes
 lambda reaches 0 at t >= L (the reference keeps its last positive value, and stops decaying
 for the whole batch once one sequence's would reach 0). Without Gradual Unrolling lambda_t =
 lambda_max at every step.
+
+`unroll_over` chooses L: "prompt+answer" (default, as the reference implementation: L is the
+prompt's length plus the expected answer length, per prompt, so lambda decays slowly and is
+still positive at the answer's expected end) or "answer" (L = the expected answer length alone:
+PEMA steers only the first tokens).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class GenerateConfig:
     lambda_max: float = 0.9
     gradual_unrolling: bool = True
     expected_length: float | None = None  # tokens; default: the adapter's mean target length in its memory
+    unroll_over: str = "prompt+answer"  # L = prompt length + expected length (reference code), or "answer": expected length only
     max_new_tokens: int = 32
     batch_size: int = 16
     max_prompt_tokens: int = 512  # longer prompts keep their last tokens (as in the memory)
@@ -55,6 +61,8 @@ class GenerateConfig:
             raise ConfigError(f"lambda_max must be in [0, 1], got {self.lambda_max}")
         if self.expected_length is not None and not self.expected_length > 0:
             raise ConfigError(f"expected_length must be positive, got {self.expected_length}")
+        if self.unroll_over not in ("prompt+answer", "answer"):
+            raise ConfigError(f"unroll_over must be 'prompt+answer' or 'answer', got {self.unroll_over!r}")
         for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -89,7 +97,10 @@ def generate_ids(server, head: LoadedHead, prompts: list[list[int]], adapter: Lo
     logits_of = head.head.to(device)
     pema = adapter.adapter.to(device) if adapter is not None else None
     length = config.expected_length or (adapter.mean_target_length if adapter is not None else 1.0)
-    lambdas = unrolling_schedule(config.lambda_max if pema is not None else 0.0, length, config.max_new_tokens, config.gradual_unrolling)
+    lambda_max = config.lambda_max if pema is not None else 0.0
+    schedules = [unrolling_schedule(lambda_max, length + (len(p) if config.unroll_over == "prompt+answer" else 0),
+                                    config.max_new_tokens, config.gradual_unrolling) for p in prompts]
+    lambdas = torch.tensor(schedules, dtype=torch.float32, device=device).T  # (steps, prompts)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     newline: dict[int, bool] = {}
@@ -101,12 +112,14 @@ def generate_ids(server, head: LoadedHead, prompts: list[list[int]], adapter: Lo
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for lam in lambdas:
         logits = logits_of(f)
-        if lam > 0:
+        if bool((lam > 0).any()):
+            lam_col = lam[:, None]
             mixed = torch.logaddexp(
-                torch.log(torch.tensor(lam, device=device)) + torch.log_softmax(logits_of(pema.predict(f)).float(), -1),
-                torch.log1p(torch.tensor(-lam, device=device)) + torch.log_softmax(logits.float(), -1),
+                torch.log(lam_col) + torch.log_softmax(logits_of(pema.predict(f)).float(), -1),
+                torch.log1p(-lam_col) + torch.log_softmax(logits.float(), -1),
             )
-            next_tokens = mixed.argmax(-1)
+            # where lambda is 0 the choice is exactly the model's greedy one
+            next_tokens = torch.where(lam > 0, mixed.argmax(-1), logits.argmax(-1))
         else:
             next_tokens = logits.argmax(-1)  # exactly the model's greedy choice
         next_tokens = next_tokens.masked_fill(finished, pad)

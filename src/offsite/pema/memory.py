@@ -49,6 +49,9 @@ class MemoryConfig:
     batch_size: int = 8  # prompts per representation request
     max_prompt_tokens: int = 512  # longer prompts keep their last tokens
     max_target_tokens: int = 64  # longer targets keep their first tokens
+    # One more row per example: the context after the whole target, labelled with the tokenizer's EOS,
+    # so PEMA learns where an answer ends (generation stops at EOS). Needs a tokenizer with an EOS.
+    end_row: bool = True
 
     def __post_init__(self):
         if self.contexts not in CONTEXTS:
@@ -62,10 +65,14 @@ def encode_examples(tokenizer, examples: list[Example], config: MemoryConfig) ->
     """(prompt ids, target ids) per example, split where offsite's training splits them (`encode_pair`)."""
     if not examples:
         raise ConfigError("no training examples for the external memory")
+    eos = tokenizer.eos_token_id if config.end_row else None
+    if config.end_row and eos is None:
+        raise ConfigError("end_row needs a tokenizer with an EOS token (or build the memory with end_row=False)")
     out = []
     for ex in examples:
         prompt, target = encode_pair(tokenizer, ex.context, ex.continuation)
-        out.append((prompt[-config.max_prompt_tokens:], target[: config.max_target_tokens]))
+        target = target[: config.max_target_tokens]
+        out.append((prompt[-config.max_prompt_tokens:], target + [eos] if eos is not None else target))
     return out
 
 

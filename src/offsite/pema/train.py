@@ -53,20 +53,25 @@ MIN_ROWS_PER_DIMENSION = 10  # fewer training rows than this times d: warn that 
 class PemaConfig:
     """How the PEMA adapter is trained. Every field is also a CLI flag and a YAML key."""
 
-    rank: int = 512
+    rank: int | None = None  # default d // 4 (the paper's r/d is 1/4 to 1/14)
     dropout: float = 0.2
     kappa: float = 0.2  # weight of L_rct in phase 2
     lr: float = 1e-3
-    epochs: int = 20  # at most, per phase
+    epochs: int = 100  # a cap per phase; validation with patience is what stops it (the metrics say which did)
     batch_size: int = 256  # memory rows per step
-    patience: int = 2  # validations without improvement before a phase stops
-    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    patience: int = 5  # validations without improvement before a phase stops
+    eval_every: int = 200  # steps between validations; 0 = once per epoch
+    # Reconstruction measured on what the head sees, norm(h_rct) against norm(f) (the head normalises
+    # first, so a scale error the head never sees is not a reconstruction error); False: the raw states.
+    reconstruct_normed: bool = True
     val_fraction: float = 0.1  # of the examples
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
-        for name in ("rank", "epochs", "batch_size", "patience"):
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"rank must be at least 1, got {self.rank}")
+        for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1 or not 0 <= self.kappa <= 1 or not 0 < self.val_fraction < 1:
@@ -137,23 +142,28 @@ def train_pema(memory: ExternalMemory, head: LoadedHead, config: PemaConfig | No
     check_compatible(memory, head)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    adapter = PemaAdapter(memory.hidden_size, config.rank, config.dropout).to(device)
+    rank = config.rank or max(1, memory.hidden_size // 4)
+    adapter = PemaAdapter(memory.hidden_size, rank, config.dropout).to(device)
     logits_of = head.head.to(device)
+    norm = logits_of.norm if config.reconstruct_normed else (lambda h: h)
     train_rows, val_rows = split_rows(memory, config.val_fraction, config.seed)
     kappa = config.kappa
 
+    def reconstruction(h_rct, f):
+        return relative_mse(norm(h_rct).float(), norm(f).float())
+
     def rct_loss(f, y):
         h_rct, _ = adapter(f)
-        return relative_mse(h_rct, f)
+        return reconstruction(h_rct, f)
 
     def joint_loss(f, y):
         h_rct, h_pd = adapter(f)
-        return kappa * relative_mse(h_rct, f) + (1 - kappa) * F.cross_entropy(logits_of(h_pd).float(), y)
+        return kappa * reconstruction(h_rct, f) + (1 - kappa) * F.cross_entropy(logits_of(h_pd).float(), y)
 
     min_rows = MIN_ROWS_PER_DIMENSION * memory.hidden_size
     if len(train_rows) < min_rows:
         warnings.warn(f"the external memory has {len(train_rows):,} training rows for {memory.hidden_size}-dimensional "
-                      f"representations; PEMA learns a rank-{config.rank} map of them and generalises poorly with fewer "
+                      f"representations; PEMA learns a rank-{rank} map of them and generalises poorly with fewer "
                       f"than about {min_rows:,} rows (use more or longer training examples)", stacklevel=2)
     start = time.perf_counter()
     metrics = {"train_rows": len(train_rows), "val_rows": len(val_rows)}
@@ -215,7 +225,8 @@ def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, con
     adapter.load_state_dict(best_state)
     for p in params:
         p.requires_grad_(False)
-    return {"steps": step, "epochs": epoch + 1, "stopped_early": stopped, "best_val_loss": round(best, 6),
+    return {"steps": step, "epochs": epoch + 1, "stopped_early": stopped, "stopped_by": "patience" if stopped else "epoch cap",
+            "best_val_loss": round(best, 6),
             "val_history": history, "first_train_loss": round(losses[0], 6), "last_train_loss": round(losses[-1], 6)}
 
 
