@@ -1,6 +1,7 @@
-"""Experiment record: PEMA against LoRA and no adaptation, answer generation, SmolLM2-135M.
+"""Experiment record: PEMA against LoRA, OT and no adaptation, SmolLM2-135M.
 
-    python benchmarks/pema.py                                    # the recorded setting: PIQA (see --help for its size)
+    python benchmarks/pema.py                                    # KJV -> WEB style transfer (offsite.pema.parallel)
+    python benchmarks/pema.py --task piqa                        # the first record: PIQA solutions
     python benchmarks/pema.py --task sciq --train-limit 500      # SciQ answers (only 500 training questions exist offline)
     python benchmarks/pema.py --train-limit 100 --eval-limit 50  # a quick look
     python benchmarks/pema.py --update-readme                    # also rewrite the README's PEMA table
@@ -13,7 +14,17 @@ line break):
 - LoRA on the full model (every linear layer of every block, peft, offsite's training loop):
   what a data owner could do if the owner handed over all weights;
 - PEMA with Gradual Unrolling, and PEMA with a constant lambda (same adapter): the data owner
-  holds only the head bundle and the external memory, and asks the owner for representations.
+  holds only the head bundle and the external memory, and asks the owner for representations;
+- OT: a 2-22-2 LayerDrop emulator's adapter trained by the data owner, plugged into the full model;
+- copy the source (style-transfer tasks): the source verse itself, what changing nothing scores.
+
+On the style-transfer tasks every setting sees the same prompt, wrapped in the tokenizer's chat
+template when it has one (`--chat`, on by default; SmolLM2-Instruct has one); the archaic-marker
+rate of each setting's outputs is reported beside sacreBLEU, and every BLEU difference against no
+adaptation carries a paired bootstrap 95% interval (1,000 resamples of the evaluation verses).
+Token-level, without generation: the held-out NLL per target token of lambda P_PEMA + (1 - lambda)
+P_LM (offsite.pema.evaluate), with lambda chosen on a validation split carved from the training
+verses, against the model alone (lambda = 0), with a paired bootstrap interval over examples.
 
 Metrics: sacreBLEU (effective order, see offsite.pema.task) and normalised exact match, and the
 training peak memory of each method: each training runs in a fresh subprocess that reports
@@ -97,7 +108,7 @@ def stage_lora(s: dict) -> dict:
     settings = LoraSettings(s["lora_r"], 2.0 * s["lora_r"], targets, fan_in_fan_out=conv1d)
     model.requires_grad_(False)
     peft_model = get_peft_model(model, settings.to_peft())
-    examples = load_generation_examples(s["task"], "train", limit=s["train_limit"], seed=s["seed"])
+    examples = training_examples(s, tokenizer)
     config = FinetuneConfig(lora=True, lora_r=s["lora_r"], lora_alpha=2.0 * s["lora_r"], lr=s["lora_lr"], epochs=s["lora_epochs"],
                             batch_size=s["lora_batch_size"], max_length=s["max_length"], seed=s["seed"])
     run = train(peft_model, tokenize_examples(tokenizer, examples, config.max_length), pad_token_id(tokenizer), config, desc="lora")
@@ -106,7 +117,32 @@ def stage_lora(s: dict) -> dict:
     return {"trainable_parameters": trainable, "metrics": run.metrics}
 
 
-STAGES = {"pema": stage_pema, "lora": stage_lora}
+def stage_ot(s: dict) -> dict:
+    """The data owner's OT adapter: full 2+2 blocks trained on a LayerDrop emulator (the emulator bundle exists)."""
+    from offsite.emulator import load_emulator
+    from offsite.training import FinetuneConfig, finetune
+
+    tokenizer = load_emulator(s["emulator"]).tokenizer
+    examples = training_examples(s, tokenizer)
+    config = FinetuneConfig(lr=s["ot_lr"], epochs=s["lora_epochs"], batch_size=s["lora_batch_size"], max_length=s["max_length"], seed=s["seed"])
+    adapter = finetune(s["emulator"], examples, Path(s["adapter"]).parent, config, overwrite=True, progress=True)
+    from offsite.adapter import load_adapter
+
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    return {"trainable_parameters": sum(t.numel() for t in load_adapter(adapter).tensors.values()), "metrics": manifest["metrics"]}
+
+
+def training_examples(s: dict, tokenizer):
+    """The task's training pairs less the validation carve-out, in the chat template when asked."""
+    from offsite.pema import load_generation_examples
+    from offsite.pema.parallel import with_chat_template
+
+    examples = load_generation_examples(s["task"], "train", limit=s["train_limit"] + s.get("val_limit", 0), seed=s["seed"])
+    examples = examples[s.get("val_limit", 0):]
+    return with_chat_template(examples, tokenizer) if s.get("chat") else examples
+
+
+STAGES = {"pema": stage_pema, "lora": stage_lora, "ot": stage_ot}
 
 
 def run_measured(stage: str, settings: dict, out: Path) -> dict:
@@ -127,21 +163,27 @@ def key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def evaluate(name: str, out: Path, settings: dict, make) -> dict:
-    """Predictions and scores of one setting, cached by its settings."""
-    from offsite.pema import generate_texts, load_generation_examples, score_generations
+def evaluate(name: str, out: Path, settings: dict, make, examples) -> dict:
+    """Predictions and scores of one setting, cached by its settings. `make` returns (server, head, adapter,
+    config), or a list of predictions (a setting that generates nothing, e.g. copying the source)."""
+    from offsite.pema import generate_texts, score_generations
+    from offsite.pema.parallel import archaic_rate
 
     path = out / f"{name}.json"
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("settings") == settings:
             return cached
-    examples = load_generation_examples(settings["task"], "eval", limit=settings["eval_limit"])
-    server, head, adapter, config = make()
+    made = make()
     start = time.perf_counter()
-    predictions = generate_texts(server, head, [e.context for e in examples], adapter, config)
-    result = {"settings": settings, "seconds": round(time.perf_counter() - start, 1),
-              "scores": score_generations(predictions, [e.continuation for e in examples]),
+    if isinstance(made, list):
+        predictions = made
+    else:
+        server, head, adapter, config = made
+        predictions = generate_texts(server, head, [e.context for e in examples], adapter, config)
+    scores = score_generations(predictions, [e.continuation for e in examples])
+    scores["archaic_per_100_words"] = round(archaic_rate(predictions), 2)
+    result = {"settings": settings, "seconds": round(time.perf_counter() - start, 1), "scores": scores,
               "predictions": [{"reference": e.continuation.strip(), "prediction": p} for e, p in zip(examples, predictions)]}
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
@@ -152,13 +194,18 @@ def evaluate(name: str, out: Path, settings: dict, make) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="checkpoint directory or asset name")
-    p.add_argument("--task", default="piqa", choices=["piqa", "sciq"], help="generation task (offsite.pema.task)")
-    p.add_argument("--train-limit", type=int, default=3000, help="training examples (SciQ has 500, PIQA 15,561)")
+    p.add_argument("--task", default="kjv2web", choices=["kjv2web", "web2bbe", "piqa", "sciq"], help="generation task (offsite.pema.task)")
+    p.add_argument("--train-limit", type=int, default=10_000, help="training examples (KJV -> WEB ~30k, PIQA 15,561, SciQ 500)")
+    p.add_argument("--val-limit", type=int, default=200, help="validation prompts carved from train (lambda for the token-level score)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="style transfer: prompts in the chat template")
+    p.add_argument("--ot", action=argparse.BooleanOptionalAction, default=True, help="also the OT LayerDrop 2-22-2 adapter")
+    p.add_argument("--ot-lr", type=float, default=1e-4)
+    p.add_argument("--ot-kept", type=int, default=22, help="middle blocks the OT LayerDrop emulator keeps")
     p.add_argument("--eval-limit", type=int, default=300, help="evaluation prompts, the first of the task's eval split")
     p.add_argument("--contexts", default="gold", choices=["greedy", "gold"], help="memory contexts (see above)")
     p.add_argument("--memory-batch-size", type=int, default=32, help="prompts per representation request")
-    p.add_argument("--rank", type=int, default=512)
-    p.add_argument("--pema-epochs", type=int, default=10, help="at most, per phase (early stopping)")
+    p.add_argument("--rank", type=int, default=None, help="PEMA rank (default d/4)")
+    p.add_argument("--pema-epochs", type=int, default=100, help="a cap per phase; validation with patience stops it")
     p.add_argument("--pema-batch-size", type=int, default=256)
     p.add_argument("--lambda-max", type=float, default=0.9)
     p.add_argument("--lora-r", type=int, default=8)
@@ -187,14 +234,19 @@ def main() -> None:
 
 
 def record(args) -> None:
-    from offsite.emulator import load_checkpoint
+    from offsite.emulator import compress_checkpoint, load_checkpoint
+    from offsite.methods import make_config
     from offsite.models import resolve_device, resolve_model
     from offsite.pema import (GenerateConfig, MemoryConfig, RepresentationServer, build_memory, export_head_checkpoint,
                               load_generation_examples, load_head, load_pema_adapter)
+    from offsite.pema.evaluate import best_lambda, mixture_scores
+    from offsite.pema.parallel import PARALLEL_TASKS, source_of, with_chat_template
+    from offsite.plugin import plug_in
 
     out = Path(args.out)
     model_path, name = resolve_model(args.model)
     started = time.perf_counter()
+    parallel = args.task in PARALLEL_TASKS
 
     # Owner: the head bundle. Data owner + owner: the external memory (resumable).
     head_dir = out / "head"
@@ -205,28 +257,40 @@ def record(args) -> None:
     device = resolve_device("auto").type
     server = RepresentationServer(model.to(device))
     head.check_owner(server.info())
-    memory_settings = {"task": args.task, "train_limit": args.train_limit, "contexts": args.contexts, "seed": args.seed,
-                       "batch_size": args.memory_batch_size}
+    chat = args.chat = args.chat and parallel and bool(getattr(head.tokenizer, "chat_template", None))
+    common = {"task": args.task, "train_limit": args.train_limit, "val_limit": args.val_limit, "seed": args.seed, "chat": chat}
+    memory_settings = {**common, "contexts": args.contexts, "batch_size": args.memory_batch_size}
     memory_dir = out / f"memory-{key(memory_settings)}"
     start = time.perf_counter()
-    train_examples = load_generation_examples(args.task, "train", limit=args.train_limit, seed=args.seed)
+    train_examples = training_examples(common, head.tokenizer)
     build_memory(server, head.tokenizer, train_examples, memory_dir, MemoryConfig(contexts=args.contexts, batch_size=args.memory_batch_size))
     memory_seconds = round(time.perf_counter() - start, 1)
 
-    # Data owner: PEMA. Baseline: LoRA on the full model. Each in its own process, memory measured.
+    # Data owner: PEMA. Baselines: LoRA on the full model, OT (LayerDrop 2-22-2). Each in its own process, memory measured.
     pema_settings = {"memory": str(memory_dir), "head": str(head_dir), "rank": args.rank, "pema_epochs": args.pema_epochs,
                      "pema_batch_size": args.pema_batch_size, "seed": args.seed}
     pema_dir = out / f"pema-{key(pema_settings)}"
     pema = run_measured("pema", {**pema_settings, "adapter": str(pema_dir / "adapter")}, pema_dir)
-    lora_settings = {"model_path": str(model_path), "task": args.task, "train_limit": args.train_limit, "lora_r": args.lora_r, "lora_lr": args.lora_lr,
-                     "lora_epochs": args.lora_epochs, "lora_batch_size": args.lora_batch_size, "max_length": args.max_length, "seed": args.seed}
+    train_common = {**common, "lora_epochs": args.lora_epochs, "lora_batch_size": args.lora_batch_size, "max_length": args.max_length}
+    lora_settings = {**train_common, "model_path": str(model_path), "lora_r": args.lora_r, "lora_lr": args.lora_lr}
     lora_dir = out / f"lora-{key(lora_settings)}"
     lora = run_measured("lora", {**lora_settings, "adapter": str(lora_dir / "adapter")}, lora_dir)
+    ot = None
+    if args.ot:
+        emulator = out / f"emulator-2-{args.ot_kept}-2"
+        if not (emulator / "manifest.json").exists():
+            compress_checkpoint(model_path, emulator, "layerdrop", make_config("layerdrop", num_kept=args.ot_kept), base_name=name,
+                                overwrite=emulator.exists())
+        ot_settings = {**train_common, "emulator": str(emulator), "ot_lr": args.ot_lr}
+        ot_dir = out / f"ot-{key(ot_settings)}"
+        ot = run_measured("ot", {**ot_settings, "adapter": str(ot_dir / "run" / "adapter")}, ot_dir)
 
-    # Evaluation: greedy answers of each setting.
+    # Evaluation: greedy answers of each setting, on the same prompts.
     adapter = load_pema_adapter(pema_dir / "adapter", head)
-    eval_dir = out / f"eval-{args.task}-{args.eval_limit}"
-    base = {"task": args.task, "eval_limit": args.eval_limit, "max_new_tokens": args.max_new_tokens, "model": str(model_path)}
+    examples = load_generation_examples(args.task, "eval", limit=args.eval_limit)
+    examples = with_chat_template(examples, head.tokenizer) if chat else examples
+    eval_dir = out / f"eval-{args.task}-{args.eval_limit}{'-chat' if chat else ''}"
+    base = {"task": args.task, "eval_limit": args.eval_limit, "max_new_tokens": args.max_new_tokens, "model": str(model_path), "chat": chat}
     generate = GenerateConfig(max_new_tokens=args.max_new_tokens, lambda_max=args.lambda_max)
     constant = GenerateConfig(max_new_tokens=args.max_new_tokens, lambda_max=args.lambda_max, gradual_unrolling=False)
 
@@ -237,26 +301,83 @@ def record(args) -> None:
         merged = PeftModel.from_pretrained(tuned, lora_dir / "adapter").merge_and_unload()
         return RepresentationServer(merged.to(device)), head, None, generate  # the head is untouched by LoRA
 
-    results = {
-        "none": evaluate("none", eval_dir, base, lambda: (server, head, None, generate)),
-        "lora": evaluate("lora", eval_dir, {**base, "lora": lora_settings}, lora_server),
-        "pema_gu": evaluate("pema_gu", eval_dir, {**base, "pema": pema_settings, "lambda_max": args.lambda_max, "gu": True},
-                            lambda: (server, head, adapter, generate)),
-        "pema_constant": evaluate("pema_constant", eval_dir, {**base, "pema": pema_settings, "lambda_max": args.lambda_max, "gu": False},
-                                  lambda: (server, head, adapter, constant)),
-    }
-    table = make_table(args, name, len(train_examples), results, pema, lora, adapter.mean_target_length, memory_seconds, device)
+    def ot_server():
+        plugged = plug_in(load_checkpoint(model_path)[0], ot_dir / "run" / "adapter", emulator=emulator)
+        return RepresentationServer(plugged.to(device)), head, None, generate  # OT's adapter blocks never include the head
+
+    results = {"none": evaluate("none", eval_dir, base, lambda: (server, head, None, generate), examples)}
+    if parallel:
+        plain = load_generation_examples(args.task, "eval", limit=args.eval_limit)
+        results["copy"] = evaluate("copy", eval_dir, {**base, "copy": True}, lambda: [source_of(e) for e in plain], examples)
+    results["lora"] = evaluate("lora", eval_dir, {**base, "lora": lora_settings}, lora_server, examples)
+    if ot is not None:
+        results["ot"] = evaluate("ot", eval_dir, {**base, "ot": ot_settings}, ot_server, examples)
+    results["pema_gu"] = evaluate("pema_gu", eval_dir, {**base, "pema": pema_settings, "lambda_max": args.lambda_max, "gu": True},
+                                  lambda: (server, head, adapter, generate), examples)
+    results["pema_constant"] = evaluate("pema_constant", eval_dir, {**base, "pema": pema_settings, "lambda_max": args.lambda_max, "gu": False},
+                                        lambda: (server, head, adapter, constant), examples)
+    intervals = {k: bleu_interval(results[k], results["none"]) for k in results if k != "none"}
+
+    # Token level: lambda chosen on the validation carve-out of the training split, then the evaluation split.
+    token = None
+    if args.val_limit:
+        val = load_generation_examples(args.task, "train", limit=args.val_limit, seed=args.seed)
+        val = with_chat_template(val, head.tokenizer) if chat else val
+        chosen = best_lambda(mixture_scores(server, head, adapter, val))
+        scored = mixture_scores(server, head, adapter, examples, lambdas=(0.0, chosen))
+        token = {"lambda": chosen, "nll_model": scored[0.0]["nll"], "nll_mixture": scored[chosen]["nll"],
+                 "acc_model": scored[0.0]["acc"], "acc_mixture": scored[chosen]["acc"], "tokens": scored[0.0]["tokens"],
+                 "interval": mean_interval(scored[chosen]["example_nll"], scored[0.0]["example_nll"])}
+    table = make_table(args, name, len(train_examples), results, pema, lora, ot, adapter.mean_target_length, memory_seconds, device,
+                       intervals, token)
     (out / "table.md").write_text(table + "\n")
     print("\n" + table + f"\n\nwritten to {out / 'table.md'} ({time.perf_counter() - started:.0f} s this run)")
     if args.update_readme:
         update_readme("pema", table)
 
 
+def bleu_interval(a: dict, b: dict, resamples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Corpus sacreBLEU of a minus b with a paired bootstrap 95% interval over the evaluation sentences."""
+    import numpy as np
+    import sacrebleu
+
+    hyp_a = [p["prediction"].strip() for p in a["predictions"]]
+    hyp_b = [p["prediction"].strip() for p in b["predictions"]]
+    refs = [p["reference"] for p in a["predictions"]]
+    metric = sacrebleu.BLEU(effective_order=True)
+
+    def bleu(hyps, idx):
+        return metric.corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score
+
+    everything = list(range(len(refs)))
+    point = bleu(hyp_a, everything) - bleu(hyp_b, everything)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(refs), len(refs)).tolist()
+        diffs.append(bleu(hyp_a, idx) - bleu(hyp_b, idx))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return point, float(low), float(high)
+
+
+def mean_interval(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a - b) over paired examples, with a bootstrap 95% interval."""
+    import numpy as np
+
+    d = np.asarray(a) - np.asarray(b)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, (resamples, d.size))].mean(1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(d.mean()), float(low), float(high)
+
+
 TASK_TEXT = {"piqa": "PIQA solution generation (goal -> correct solution)",
-             "sciq": "SciQ answer generation (support paragraph + question -> answer)"}
+             "sciq": "SciQ answer generation (support paragraph + question -> answer)",
+             "kjv2web": "KJV -> World English Bible style transfer (archaic -> modern), evaluation books held out",
+             "web2bbe": "World English -> Basic English Bible simplification, evaluation books held out"}
 
 
-def make_table(args, name, n_train, results, pema, lora, mean_length, memory_seconds, device) -> str:
+def make_table(args, name, n_train, results, pema, lora, ot, mean_length, memory_seconds, device, intervals, token) -> str:
     def mb(stage):
         value = stage.get("cuda_max_allocated_mb", stage["peak_rss_delta_mb"])
         return f"{value:,.0f}"
@@ -264,30 +385,47 @@ def make_table(args, name, n_train, results, pema, lora, mean_length, memory_sec
     def row(label, key_, stage=None):
         s = results[key_]["scores"]
         train = f"{stage['result']['trainable_parameters']:,} | {mb(stage)} | {stage['seconds']:,.0f}" if stage else "0 | – | –"
-        return f"| {label} | {s['bleu']:.1f} | {s['exact_match']:.1f} | {train} |"
+        iv = intervals.get(key_)
+        diff = f"{iv[0]:+.1f} [{iv[1]:+.1f}, {iv[2]:+.1f}]" if iv else "–"
+        return f"| {label} | {s['bleu']:.1f} | {diff} | {s['exact_match']:.1f} | {s['archaic_per_100_words']:.2f} | {train} |"
 
     n = results["none"]["scores"]["n"]
     pm = pema["result"]["metrics"]
     measure = pema["memory_measure"]
     lines = [
         f"Model {name}; {TASK_TEXT[args.task]} (greedy, answer = first line, at most {args.max_new_tokens} tokens), "
-        f"{n_train:,} training / {n} evaluation prompts (disjoint). PEMA: rank {args.rank}, {args.contexts} memory contexts "
-        f"({pm['train_rows'] + pm['val_rows']:,} memory rows, built in {memory_seconds:.0f} s of owner inference), "
-        f"lambda_max {args.lambda_max}; Gradual Unrolling over the estimated length L = {mean_length:.2f} tokens (mean target length "
-        f"of the memory). LoRA: r {args.lora_r} on every linear layer of every block, lr {args.lora_lr}, {args.lora_epochs} epochs, "
-        f"batch {args.lora_batch_size}. Training memory on {device}: {measure} of the training process "
-        "(LoRA holds the whole fp32 model, PEMA the head bundle).",
+        f"{n_train:,} training / {n} evaluation prompts (disjoint){'; prompts in the chat template' if args.chat else ''}. "
+        f"PEMA: rank {'d/4' if args.rank is None else args.rank}, "
+        f"{args.contexts} memory contexts ({pm['train_rows'] + pm['val_rows']:,} memory rows, built in {memory_seconds:.0f} s of owner "
+        f"inference), lambda_max {args.lambda_max}; Gradual Unrolling over the prompt length + the estimated answer length "
+        f"{mean_length:.2f} tokens (mean target length of the memory). LoRA: r {args.lora_r} on every linear layer of every block, "
+        f"lr {args.lora_lr}, {args.lora_epochs} epoch(s), batch {args.lora_batch_size}. Training memory on {device}: {measure} of the "
+        "training process (LoRA holds the whole fp32 model, OT the emulator, PEMA the head bundle). BLEU differences against no "
+        "adaptation with paired bootstrap 95% intervals.",
         "",
-        "| setting | sacreBLEU | exact match % | trainable parameters | training peak memory (MB) | training time (s) |",
-        "|---|---|---|---|---|---|",
+        "| setting | sacreBLEU | − no adaptation | exact match % | archaic / 100 words | trainable parameters | training peak memory (MB) | training time (s) |",
+        "|---|---|---|---|---|---|---|---|",
         row("no adaptation", "none"),
-        row("LoRA, full model", "lora", lora),
+    ]
+    if "copy" in results:
+        lines.append(row("copy the source", "copy"))
+    lines.append(row("LoRA, full model", "lora", lora))
+    if ot is not None:
+        lines.append(row(f"OT, LayerDrop 2-{args.ot_kept}-2 adapter plugged in", "ot", ot))
+    lines += [
         row("PEMA, Gradual Unrolling", "pema_gu", pema),
         row(f"PEMA, constant lambda {args.lambda_max}", "pema_constant", pema),
         "",
         f"PEMA validation next-token accuracy on memory rows: {100 * pm['val_accuracy_pema']:.1f}% (the model alone: "
-        f"{100 * pm['val_accuracy_lm']:.1f}%); sacreBLEU signature {results['none']['scores']['bleu_signature']}.",
+        f"{100 * pm['val_accuracy_lm']:.1f}%); phases stopped by {pm['rct'].get('stopped_by', '?')} / {pm['joint'].get('stopped_by', '?')}; "
+        f"sacreBLEU signature {results['none']['scores']['bleu_signature']}.",
     ]
+    if token:
+        d, lo, hi = token["interval"]
+        lines.append(f"Token level (no generation), {token['tokens']:,} evaluation target tokens: NLL per token of the mixture at lambda "
+                     f"{token['lambda']:g} (chosen on {args.val_limit} validation prompts carved from train) {token['nll_mixture']:.3f} against "
+                     f"{token['nll_model']:.3f} for the model alone ({d:+.3f} [{lo:+.3f}, {hi:+.3f}] per example); next-token accuracy "
+                     f"{100 * token['acc_mixture']:.1f}% against {100 * token['acc_model']:.1f}%.")
     return "\n".join(lines)
 
 
