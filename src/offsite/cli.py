@@ -131,7 +131,15 @@ def cmd_finetune(opts: dict) -> None:
     if bool(data) == bool(task):
         raise ConfigError("give exactly one of --data FILE.jsonl or --task NAME")
     if data:
-        examples = load_examples(data)[:limit]
+        def bundle_tokenizer():  # only for chat records: verified first, as finetune will verify it again
+            from transformers import AutoTokenizer
+
+            from .bundle import read_manifest
+
+            read_manifest(bundle, kind="emulator", trusted_key=trusted_key)
+            return AutoTokenizer.from_pretrained(bundle, local_files_only=True, trust_remote_code=False)
+
+        examples = load_examples(data, tokenizer=bundle_tokenizer)[:limit]
     else:
         from .tasks import load_train_examples
 

@@ -77,8 +77,21 @@ def tokenize_example(tokenizer, ex: Example, max_length: int) -> dict[str, list[
     return {"input_ids": ids, "labels": labels}
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """Read a JSONL file of {"context", "continuation"} (or {"text"}) records."""
+ROLES = ("system", "user", "assistant")
+
+
+def load_examples(path: str | Path, tokenizer=None) -> list[Example]:
+    """Read a JSONL file of training records, one of these shapes per line:
+
+    - {"context", "continuation"}: the context is masked from the loss;
+    - {"prompt", "completion"} (the common SFT shape): the same;
+    - {"text"}: plain text, all of it trained on;
+    - {"messages": [{"role", "content"}, ...]} (chat): rendered with the tokenizer's chat template;
+      every assistant turn becomes one example whose context is the conversation before it
+      (with the assistant header) and whose continuation is the turn with its end-of-turn marker,
+      so the loss falls on the assistant turns only. Needs `tokenizer` (or a zero-argument
+      callable returning it, called only if a chat record appears) with a chat template.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"training data file not found: {path}")
@@ -93,15 +106,49 @@ def load_examples(path: str | Path) -> list[Example]:
                 raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise ConfigError(f"{path}:{lineno}: expected a JSON object")
-            if "text" in rec and "continuation" not in rec:
+            if "messages" in rec:
+                if callable(tokenizer) and not hasattr(tokenizer, "apply_chat_template"):
+                    tokenizer = tokenizer()
+                examples += chat_examples(rec["messages"], tokenizer, f"{path}:{lineno}")
+            elif "text" in rec and "continuation" not in rec:
                 examples.append(Example("", str(rec["text"])))
             elif isinstance(rec.get("context"), str) and isinstance(rec.get("continuation"), str):
                 examples.append(Example(rec["context"], rec["continuation"]))
+            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+                examples.append(Example(rec["prompt"], rec["completion"]))
             else:
-                raise ConfigError(f"{path}:{lineno}: needs string fields 'context' and 'continuation' (or 'text')")
+                raise ConfigError(f"{path}:{lineno}: needs string fields 'context' and 'continuation' (or 'prompt' and "
+                                  "'completion', 'text', or a 'messages' list)")
     if not examples:
         raise ConfigError(f"training data file has no examples: {path}")
     return examples
+
+
+def chat_examples(messages, tokenizer, where: str = "messages") -> list[Example]:
+    """One Example per assistant turn of a chat, rendered with the tokenizer's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{where}: chat 'messages' need a tokenizer with a chat template (the emulator's has none)")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) and set(m) <= {"role", "content"}
+            for m in messages):
+        raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{'role': system|user|assistant, 'content': text}}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConfigError(f"{where}: the conversation has no assistant turn to train on")
+    bos = tokenizer.bos_token or ""
+
+    def render(turns, prompt):
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=prompt, tokenize=False)
+        return text[len(bos):] if bos and text.startswith(bos) else text  # the tokenizer adds BOS itself
+
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        context, whole = render(messages[:i], True), render(messages[: i + 1], False)
+        if not whole.startswith(context) or len(whole) == len(context):
+            raise ConfigError(f"{where}: the chat template does not render turn {i} as an extension of the conversation before it")
+        out.append(Example(context, whole[len(context):]))
+    return out
 
 
 def save_examples(examples: list[Example], path: str | Path) -> None:
