@@ -163,3 +163,17 @@ def test_answer_only_loss_equals_the_models_own_loss(family, tokenizer, examples
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     got.backward()
     assert model.get_input_embeddings().weight.grad is not None
+
+
+def test_the_loss_curve_is_saved_and_tqdm_disable_is_honoured(emulator_dir, examples, tmp_path, monkeypatch, capsys):
+    from offsite.progress import bars_disabled
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bars_disabled(True) and bars_disabled(False)
+    monkeypatch.delenv("TQDM_DISABLE")
+    assert not bars_disabled(True) and bars_disabled(False)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    finetune(emulator_dir, examples, tmp_path / "run", FinetuneConfig(batch_size=2, max_steps=6, log_every=2, lr=1e-3), progress=True)
+    assert "finetune" not in capsys.readouterr().err  # no bar
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 4, 6] and all(e["loss"] > 0 and e["lr"] >= 0 for e in log)

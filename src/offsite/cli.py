@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import json
 import sys
 import types
@@ -81,7 +82,7 @@ def load_yaml(path: str | None) -> dict:
 def merged_options(args: argparse.Namespace) -> dict:
     """YAML values overridden by the flags given on the command line."""
     opts = load_yaml(getattr(args, "config", None))
-    opts.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func")})
+    opts.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "quiet")})
     return opts
 
 
@@ -428,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of Hugging Face causal LMs.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars (as TQDM_DISABLE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, func, help):
@@ -553,6 +555,8 @@ def add_trust_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # every offsite bar honours it (offsite.progress)
     try:
         args.func(merged_options(args))
     except OffsiteError as e:

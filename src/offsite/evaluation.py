@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .data import encode_pair
 from .errors import AssetError, ConfigError
+from .progress import bars_disabled
 
 LM_EVAL_INSTALL = "pip install lm-eval==0.4.13"
 
@@ -167,7 +168,7 @@ def _score(model, requests: list[Request], pad_id: int, batch_size: int, progres
     out = [0.0] * len(requests)
     device = next(model.parameters()).device
     accepts = _forward_parameters(model)
-    with _eval_mode(model), torch.inference_mode(), tqdm(total=len(requests), desc=desc, disable=not progress) as bar:
+    with _eval_mode(model), torch.inference_mode(), tqdm(total=len(requests), desc=desc, disable=bars_disabled(progress)) as bar:
         for batch in _batches(_group(requests, batch_size), batch_size):
             sums = _score_batch(model, batch, pad_id, device, accepts).tolist()
             for slot, value in zip((s for g in batch for s in g.slots), sums):

@@ -29,6 +29,7 @@ from .checkpoint import checkpoint_position, clear_checkpoints, list_checkpoints
 from .data import IGNORE_INDEX, Example, epoch_order, pad_batch, tokenize_example
 from .emulator import LoadedEmulator, load_emulator
 from .errors import ConfigError
+from .progress import bars_disabled
 from .signing import load_private_key
 from .surgery import get_blocks, linear_module_names
 
@@ -176,12 +177,18 @@ def finetune(
     features = tokenize_examples(emulator.tokenizer, examples, config.max_length)
     run = train(model, features, pad_token_id(emulator.tokenizer), config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
     if run.accelerator.is_main_process:
+        # The loss curve, appended (a resumed run continues the file): one JSON line per log step.
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with (output_dir / TRAIN_LOG).open("a" if resume else "w", encoding="utf-8") as f:
+            for entry in run.history:
+                f.write(json.dumps(entry) + "\n")
         training = {**dataclasses.asdict(config), "learning_rate": config.learning_rate, "precision": run.accelerator.mixed_precision}
         save_adapter(run.model, emulator, adapter_dir, training, run.metrics, lora, overwrite=overwrite, sign_key=sign_key)
     run.accelerator.wait_for_everyone()
     return adapter_dir
 
 
+TRAIN_LOG = "train_log.jsonl"  # in the run directory, beside adapter/ and checkpoints/
 # FinetuneConfig fields that may change when a run is resumed (they do not change what a step computes).
 RESUMABLE_CHANGES = ("checkpoint_every", "log_every")
 
@@ -206,6 +213,7 @@ class TrainResult:
     model: torch.nn.Module  # unwrapped
     metrics: dict
     accelerator: Accelerator
+    history: list[dict] = dataclasses.field(default_factory=list)  # {"step", "loss", "lr"} every log_every steps
 
 
 def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
@@ -270,9 +278,10 @@ def train(
         step, epoch, skip = pos["step"], pos["epoch"], pos["batches_done"]
         accelerator.print(f"resumed from {latest} at step {step}")
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_main_process), desc=desc, unit="step")
+    bar = tqdm(total=total_steps, initial=step, disable=bars_disabled(progress and accelerator.is_main_process), desc=desc, unit="step")
     model.train()
     start, tokens, losses = time.perf_counter(), 0, []
+    history: list[dict] = []  # mean loss and lr every log_every steps (of this process run)
     while step < total_steps:
         order = epoch_order(len(features), config.seed, epoch)
         # Own generator: iterating a DataLoader must not draw from the global RNG (dropout's),
@@ -306,7 +315,8 @@ def train(
             bar.update(1)
             recent = losses[-config.log_every * config.grad_accum:]
             if step % config.log_every == 0 or step == total_steps:
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                history.append({"step": step, "loss": round(sum(recent) / len(recent), 6), "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", lr=f"{history[-1]['lr']:.2e}")
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 if ckpt_dir and accelerator.is_main_process:
                     done_epoch = batches_done >= epoch_len
@@ -330,4 +340,4 @@ def train(
         "seconds": round(time.perf_counter() - start, 2),
         "num_examples": len(features),
     }
-    return TrainResult(accelerator.unwrap_model(model), metrics, accelerator)
+    return TrainResult(accelerator.unwrap_model(model), metrics, accelerator, history)

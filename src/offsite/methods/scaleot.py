@@ -69,6 +69,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import BundleError, ConfigError, UnsupportedModelError
 from ..models import resolve_device
+from ..progress import bars_disabled
 from ..structure import (
     ACTIVATIONS,
     TUPLE_OUTPUT_BLOCKS,
@@ -436,7 +437,7 @@ def estimate_importance(
     use_bf16 = _use_bf16(config, device)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     params = list(harmonizers.parameters())
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="scaleot importance", unit="step")
+    bar = tqdm(total=config.steps, initial=step, disable=bars_disabled(progress), desc="scaleot importance", unit="step")
     start = time.perf_counter()
     model.eval()  # no dropout: the mixed network is compared across steps by its loss
     model.requires_grad_(False)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..data import _ids
 from ..errors import ConfigError
+from ..progress import bars_disabled
 from .head import LoadedHead
 from .owner import StatelessSession
 from .train import LoadedPemaAdapter
@@ -146,7 +147,7 @@ def generate_texts(server, head: LoadedHead, contexts: list[str], adapter: Loade
     """Answers for `contexts`, in batches: the decoded generation up to its first line break, stripped."""
     config = config or GenerateConfig()
     texts = []
-    for start in tqdm(range(0, len(contexts), config.batch_size), disable=not progress, desc="generate", unit="batch"):
+    for start in tqdm(range(0, len(contexts), config.batch_size), disable=bars_disabled(progress), desc="generate", unit="batch"):
         batch = [prompt_ids(head.tokenizer, c, config.max_prompt_tokens) for c in contexts[start : start + config.batch_size]]
         for ids in generate_ids(server, head, batch, adapter, config):
             texts.append(head.tokenizer.decode(ids, skip_special_tokens=True).split("\n", 1)[0].strip())

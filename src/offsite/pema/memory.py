@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..data import Example, encode_pair
 from ..durable import atomic_write
 from ..errors import ConfigError
+from ..progress import bars_disabled
 from .owner import RepresentationRequest
 
 FORMAT = "offsite-pema-memory"
@@ -152,7 +153,7 @@ def build_memory(
         raise ConfigError(f"progress.json does not belong to this external memory: {out_dir}")
 
     done, row = state["examples_done"], state["rows_done"]
-    bar = tqdm(total=len(encoded), initial=done, disable=not progress, desc="external memory", unit="ex")
+    bar = tqdm(total=len(encoded), initial=done, disable=bars_disabled(progress), desc="external memory", unit="ex")
     while done < len(encoded):
         batch = encoded[done : done + config.batch_size]
         request = RepresentationRequest(prompts=[p for p, _ in batch], log_probs=0)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..bundle import read_manifest, write_bundle
 from ..errors import BundleError, ConfigError
+from ..progress import bars_disabled
 from .head import LoadedHead, read_tensors
 from .memory import ExternalMemory
 
@@ -185,7 +186,7 @@ def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, con
     best, best_state, bad, history, step, losses = math.inf, None, 0, [], 0, []
     stopped, validated_at = False, -1
     phase_seed = {"rct": 1, "joint": 2}[name]
-    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress, desc=f"pema {name}", unit="step")
+    bar = tqdm(total=config.epochs * steps_per_epoch, disable=bars_disabled(progress), desc=f"pema {name}", unit="step")
 
     def validate() -> bool:
         nonlocal best, best_state, bad, validated_at
