@@ -98,3 +98,27 @@ def test_method_flags_are_checked_by_the_method(base_dir, tmp_path, capsys):
     assert not (tmp_path / "e").exists()
     code, _, err = run(capsys, "compress", "--model", base_dir, "--out", tmp_path / "e", "--kept-blocks", "2,5")
     assert code == 0
+
+
+def test_evaluate_takes_user_task_files_and_checks_every_task_first(base_dir, tmp_path, capsys, monkeypatch):
+    import json as _json
+
+    import offsite.cli as C
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("\n".join(_json.dumps(r) for r in [
+        {"context": "The capital of France is", "choices": [" Paris", " Rome"], "gold": 0},
+        {"context": "Two plus two is", "choices": [" four", " five", " six"], "gold": 0},
+    ]) + "\n")
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "--model", str(base_dir), "--tasks", f"{mine}", "--out", str(out)]) == 0
+    assert _json.loads(out.read_text())["tasks"][str(mine)]["n"] == 2
+    loaded = []
+    monkeypatch.setattr(C, "_model_for_evaluation", lambda *a, **k: loaded.append(1))
+    for bad, message in ((f"{mine},arc_eassy", "unknown task 'arc_eassy'"), (str(tmp_path / "none.jsonl"), "task file not found")):
+        assert main(["evaluate", "--model", str(base_dir), "--tasks", bad]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": [" a"], "gold": 0}\n')
+    assert main(["evaluate", "--model", str(base_dir), "--tasks", str(tmp_path / "bad.jsonl")]) == 2
+    assert "two or more texts" in capsys.readouterr().err
+    assert loaded == []  # no model was loaded for any of them

@@ -257,7 +257,7 @@ def cmd_evaluate(opts: dict) -> None:
     """Score one model (a checkpoint, or an emulator bundle, optionally with an adapter)."""
     from .evaluation import perplexity, score_multiple_choice
     from .models import resolve_device
-    from .tasks import load_eval_docs, load_plain_text
+    from .tasks import load_plain_text, load_task_docs
 
     model_arg, bundle, adapter = take(opts, "model", None), take(opts, "bundle", None), take(opts, "adapter", None)
     tasks = [t for t in str(take(opts, "tasks", "arc_easy")).split(",") if t]
@@ -267,20 +267,27 @@ def cmd_evaluate(opts: dict) -> None:
     emulator = _issued_emulator_option(opts) if adapter and model_arg else take(opts, "emulator", None)
     trust = _trust_options(opts)
     _reject_leftovers(opts)
+    docs = {task: load_task_docs(task, limit) for task in tasks}  # every name and file checked before a model loads
     model, tokenizer, what = _model_for_evaluation(model_arg, bundle, adapter, emulator, trust)
     model.to(device)
     results = {"model": what, "tasks": {}}
+
+    def save() -> None:
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(results, indent=2))
+
     for task in tasks:
-        r = score_multiple_choice(model, tokenizer, load_eval_docs(task, limit), batch_size=batch_size)
+        r = score_multiple_choice(model, tokenizer, docs[task], batch_size=batch_size)
         results["tasks"][task] = r
+        save()  # each task's result is kept as soon as it is known
         print(f"{task:<14} acc {100 * r['acc']:5.1f} ± {100 * r['acc_stderr']:.1f}   "
               f"acc_norm {100 * r['acc_norm']:5.1f} ± {100 * r['acc_norm_stderr']:.1f}   (n={r['n']})")
     if with_ppl:
         results["perplexity"] = perplexity(model, tokenizer, load_plain_text(), batch_size=4)
         print(f"{'perplexity':<14} {results['perplexity']['ppl']:.2f} over {results['perplexity']['tokens']:,} tokens")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2))
+        save()
         print(f"results written to {out}")
 
 
@@ -496,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=argparse.SUPPRESS, help="adapter bundle to apply first")
     p.add_argument("--emulator", default=argparse.SUPPRESS, help="with --model and --adapter: the emulator bundle you issued")
     add_trust_flags(p)
-    p.add_argument("--tasks", default=argparse.SUPPRESS, help="comma-separated (default: arc_easy)")
+    p.add_argument("--tasks", default=argparse.SUPPRESS,
+                   help="comma-separated built-in task names or .jsonl files of {context, choices, gold} (default: arc_easy)")
     p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="first N docs of each evaluation split")
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="(default: 32)")
     p.add_argument("--perplexity", action="store_true", default=argparse.SUPPRESS, help="also held-out perplexity")

@@ -72,6 +72,38 @@ def load_eval_docs(task: str, limit: int | None = None) -> list[MCDoc]:
     return list(docs[:limit])
 
 
+def load_task_docs(spec: str, limit: int | None = None) -> list[MCDoc]:
+    """Evaluation docs of a built-in task name, or of a user's multiple-choice JSONL file: one
+    {"context": str, "choices": [str, ...], "gold": int} per line (choices continue the context;
+    give them their leading space, as the built-in tasks do)."""
+    if spec in TASKS:
+        return load_eval_docs(spec, limit)
+    path = Path(spec)
+    if path.suffix != ".jsonl":
+        raise ConfigError(f"unknown task {spec!r}: give a built-in task ({', '.join(TASKS)}) or a .jsonl file of "
+                          "{context, choices, gold} records")
+    if not path.is_file():
+        raise ConfigError(f"task file not found: {path}")
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            ok = (isinstance(rec, dict) and isinstance(rec.get("context"), str) and isinstance(rec.get("choices"), list)
+                  and len(rec["choices"]) >= 2 and all(isinstance(c, str) and c for c in rec["choices"])
+                  and type(rec.get("gold")) is int and 0 <= rec["gold"] < len(rec["choices"]))
+            if not ok:
+                raise ConfigError(f"{path}:{lineno}: needs 'context' (text), 'choices' (two or more texts) and 'gold' (the index of the right one)")
+            docs.append(MCDoc(len(docs), rec["context"], list(rec["choices"]), rec["gold"]))
+    if not docs:
+        raise ConfigError(f"task file has no docs: {path}")
+    return docs[:limit]
+
+
 def load_train_examples(task: str, limit: int | None = None, seed: int = 0) -> list[Example]:
     """(zero-shot context, gold continuation) pairs of the train split, shuffled by `seed`.
 
