@@ -112,3 +112,30 @@ def test_adapter_applies_to_its_emulator(tokenizer, examples, tmp_path, lora):
     owner_compress("llama", tokenizer, tmp_path / "other")
     with pytest.raises(PluginError, match="different emulator"):
         plug_into_emulator(load_emulator(tmp_path / "other" / "emu"), adapter_dir)
+
+
+def test_peft_loads_each_view_right_where_it_belongs(base_dir, tmp_path, examples):
+    """Regression (#20): PEFT loaded the LoRA bundle onto the emulator silently wrong (only blocks whose
+    indices agree). The bundle's top level is for the full model, its emulator/ view for the emulator."""
+    import json as _json
+
+    from peft import PeftModel
+
+    from offsite.emulator import compress_checkpoint, load_checkpoint, load_emulator
+    from offsite.methods import make_config
+    from offsite.plugin import plug_in, plug_into_emulator
+    from offsite.training import FinetuneConfig, finetune
+
+    emu = compress_checkpoint(base_dir, tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    adapter = finetune(emu, examples, tmp_path / "run", FinetuneConfig(lora=True, lora_r=4, max_steps=3, lr=5e-2), progress=False)
+    ids = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        ours = plug_into_emulator(load_emulator(emu), adapter, merge=False)(ids).logits
+        peft_view = PeftModel.from_pretrained(load_emulator(emu).model, adapter / "emulator")(ids).logits
+        full_ours = plug_in(load_checkpoint(base_dir)[0], adapter, emulator=emu, merge=False)(ids).logits
+        full_peft = PeftModel.from_pretrained(load_checkpoint(base_dir)[0], adapter)(ids).logits
+    torch.testing.assert_close(peft_view, ours)
+    torch.testing.assert_close(full_peft, full_ours)
+    config = _json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir.resolve())  # portable: absolute, not as typed
+    assert _json.loads((adapter / "emulator" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(emu.resolve())

@@ -4,7 +4,9 @@ Two kinds travel back to the owner:
 - full blocks: `adapter.safetensors` with keys `<blocks path>.<original index>.<param>`;
 - LoRA: a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) whose
   target modules already name the full model's modules, so `PeftModel.from_pretrained(full, dir)`
-  works as is. Only the fields offsite wrote are ever read back from `adapter_config.json`.
+  works as is; and in `emulator/` the same adapter keyed for the emulator it was trained on, so
+  `PeftModel.from_pretrained(emulator, dir / "emulator")` (and lm-eval's `peft=`) loads it right
+  there too. Only the fields offsite wrote are ever read back from `adapter_config.json`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .emulator import LoadedEmulator
 from .errors import BundleError
 from .surgery import BlockLayout
 
+EMULATOR_VIEW = "emulator"  # LoRA bundles: the same adapter as a PEFT directory keyed for the emulator
 FULL_WEIGHTS = "adapter.safetensors"
 LORA_WEIGHTS = "adapter_model.safetensors"
 LORA_CONFIG = "adapter_config.json"
@@ -115,6 +118,16 @@ def save_adapter(
         if lora:
             save_file(tensors, tmp / LORA_WEIGHTS, metadata={"format": "pt"})
             lora.to_peft(base.get("name", "")).save_pretrained(tmp)
+            # The top-level view names the full model's modules; PEFT would load it onto the emulator
+            # silently wrong (only the blocks whose indices happen to agree). This one fits the emulator.
+            view = tmp / EMULATOR_VIEW
+            view.mkdir()
+            emulator_side = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            save_file(emulator_side, view / LORA_WEIGHTS, metadata={"format": "pt"})
+            to_emulator = {emulator.block_map[i]: i for i in emulator.trainable}
+            targets = [emulator.layout.block_key(to_emulator[idx], rest)
+                       for idx, rest in (emulator.layout.parse_block_key(t) for t in lora.target_modules)]
+            dataclasses.replace(lora, target_modules=targets).to_peft(str(Path(emulator.path).resolve()) if emulator.path else "").save_pretrained(view)
         else:
             save_file(tensors, tmp / FULL_WEIGHTS, metadata={"format": "pt"})
 

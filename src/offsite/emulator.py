@@ -70,6 +70,7 @@ class LoadedEmulator:
     tokenizer: object
     manifest: dict
     layout: BlockLayout  # of the emulator model (same block path as the base)
+    path: Path | None = None  # the bundle it was loaded from
 
     @property
     def block_map(self) -> list[int]:
@@ -219,7 +220,14 @@ def load_emulator(
     if device:
         model.to(device)
     model.eval()
-    return LoadedEmulator(model, tokenizer, manifest, layout)
+    return LoadedEmulator(model, tokenizer, manifest, layout, bundle_dir)
+
+
+def portable_name(model_path: str | Path) -> str:
+    """The base model's name as other tools should see it: the absolute path of a local checkpoint (a
+    path as typed, e.g. `work/base`, means nothing from another directory and sends PEFT to the hub)."""
+    path = Path(model_path)
+    return str(path.resolve()) if path.is_dir() else str(model_path)
 
 
 def compress_checkpoint(
@@ -240,7 +248,7 @@ def compress_checkpoint(
     model, tokenizer = load_checkpoint(model_path, dtype)
     emulator = build_emulator(model, method, config, tokenizer=tokenizer)
     return save_emulator(
-        emulator, tokenizer, out_dir, model_fingerprint(model), base_name or str(model_path), overwrite=overwrite, sign_key=sign_key
+        emulator, tokenizer, out_dir, model_fingerprint(model), base_name or portable_name(model_path), overwrite=overwrite, sign_key=sign_key
     )
 
 
