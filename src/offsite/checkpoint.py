@@ -120,7 +120,7 @@ def clear_checkpoints(directory: Path) -> None:
         _remove(old)
 
 
-def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict:
+def restore_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict:
     """Restore tensors, optimizer, scheduler and RNG in place; return the saved loop position."""
     meta = json.loads((path / STATE).read_text())
     saved = load_file(path / "trainable.safetensors")

@@ -22,6 +22,7 @@ import torch
 from .bundle import model_fingerprint
 from .emulator import load_checkpoint, load_emulator, save_emulator
 from .errors import ConfigError
+from .lm import pack_blocks  # noqa: F401  (re-exported)
 from .methods import Emulator
 from .models import resolve_device
 from .surgery import discover_layout, get_blocks
@@ -59,18 +60,6 @@ class DistillConfig:
             grad_accum=self.grad_accum, max_steps=steps, max_length=self.block_size, mixed_precision=self.mixed_precision,
             seed=self.seed, checkpoint_every=self.eval_every, log_every=10,
         )
-
-
-def pack_blocks(tokenizer, texts: list[str], block_size: int) -> list[dict[str, list[int]]]:
-    """Concatenate the texts (EOS between them) and cut into full blocks of `block_size` tokens."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-    blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
-    if not blocks:
-        raise ConfigError(f"generic text yields no full block of {block_size} tokens")
-    return [{"input_ids": b, "labels": b} for b in blocks]
 
 
 class _Stop(Exception):

@@ -21,6 +21,7 @@ from .bundle import (
 )
 from .errors import BundleError
 from .methods import Emulator, build_emulator
+from .models import load_checkpoint  # noqa: F401  (re-exported: the Hugging Face checkpoint loader)
 from .signing import load_private_key
 from .structure import structured_class
 from .surgery import BlockLayout, discover_layout
@@ -252,15 +253,3 @@ def compress_checkpoint(
     )
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a local HF checkpoint (safetensors only) and its tokenizer, with one-line errors."""
-    path = Path(path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {path}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise BundleError(f"cannot load checkpoint {path} ({str(e).splitlines()[0]})") from None
-    model.eval()
-    return model, tokenizer

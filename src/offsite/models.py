@@ -1,5 +1,5 @@
 """Resolve what the user names: a model (a local HF checkpoint directory, or a bundled asset name)
-and a device ("auto" or a torch device string)."""
+and a device ("auto" or a torch device string); and load a local Hugging Face checkpoint."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import BundleError, ConfigError
 
 
 def resolve_model(name_or_path: str) -> tuple[Path, str]:
@@ -29,3 +29,19 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a local HF checkpoint (safetensors only) and its tokenizer, with one-line errors."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {path}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"cannot load checkpoint {path} ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model, tokenizer

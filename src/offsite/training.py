@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import get_peft_model
@@ -25,10 +24,11 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .adapter import LoraSettings, save_adapter
-from .checkpoint import checkpoint_position, clear_checkpoints, list_checkpoints, load_checkpoint, save_checkpoint
-from .data import IGNORE_INDEX, Example, epoch_order, pad_batch, tokenize_example
+from .checkpoint import checkpoint_position, clear_checkpoints, list_checkpoints, restore_checkpoint, save_checkpoint
+from .data import Example, epoch_order, pad_batch
 from .emulator import LoadedEmulator, load_emulator
 from .errors import ConfigError
+from .lm import causal_lm_loss, pad_token_id, tokenize_examples  # noqa: F401  (re-exported)
 from .progress import bars_disabled
 from .signing import load_private_key
 from .surgery import get_blocks, linear_module_names
@@ -103,31 +103,6 @@ def make_trainable(emulator: LoadedEmulator, config: FinetuneConfig):
         ],
     )
     return peft_model, full_side
-
-
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], head: torch.nn.Module | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer) positions.
-
-    The LM head runs only on the positions that have a target: with the context masked that is a
-    small fraction of the tokens, and the head (vocab x d) plus its logits are a large share of a
-    small model's compute and of every model's activation memory. Same value as the model's own
-    `labels=` loss. `head` is the output-embedding module of the unwrapped model.
-    """
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    head = head or model.get_output_embeddings()
-
-    def only_labelled(module, args):
-        return (args[0][:, :-1][keep].unsqueeze(0), *args[1:])
-
-    handle = head.register_forward_pre_hook(only_labelled)
-    try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    finally:
-        handle.remove()
-    if not keep.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[0].float(), targets[keep])
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -216,16 +191,6 @@ class TrainResult:
     history: list[dict] = dataclasses.field(default_factory=list)  # {"step", "loss", "lr"} every log_every steps
 
 
-def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
-    if not examples:
-        raise ConfigError("no training examples")
-    return [tokenize_example(tokenizer, ex, max_length) for ex in examples]
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
 def train(
     model: torch.nn.Module,
     features: list[dict[str, list[int]]],
@@ -274,7 +239,7 @@ def train(
         if checkpoint_position(latest).get("run") != identity:
             raise ConfigError(f"{latest} belongs to another run (other settings, data or starting weights); "
                               "resume needs the same run, or pass --overwrite to start over")
-        pos = load_checkpoint(latest, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler)
+        pos = restore_checkpoint(latest, trainable_parameters(accelerator.unwrap_model(model)), optimizer, scheduler)
         step, epoch, skip = pos["step"], pos["epoch"], pos["batches_done"]
         accelerator.print(f"resumed from {latest} at step {step}")
 

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 
 from ..errors import ConfigError
 from ..surgery import BlockLayout, build_reduced_model, get_blocks
-from . import Emulator, EmulatorConfig, model_tokenizer, register
+from .base import Emulator, EmulatorConfig, model_tokenizer, register
 
 KEEP = ("medoid", "first", "last")
 
@@ -166,7 +166,7 @@ def representative(run: list[int], similarity: torch.Tensor, keep: str) -> int:
 
 
 def support_features(tokenizer, config: CrashConfig) -> list[dict]:
-    from ..distill import pack_blocks
+    from ..lm import pack_blocks
     from ..tasks import load_generic_text
 
     texts = load_generic_text(limit_chars=6 * config.support_size * config.support_max_length)  # ~4 characters a token

@@ -75,7 +75,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import ConfigError, UnsupportedModelError
 from ..structure import LINEAR_TYPES, apply_structure, count_parameters, dense_weight, linear_shape
 from ..surgery import BlockLayout, build_reduced_model, get_blocks
-from . import Emulator, EmulatorConfig, model_tokenizer, register
+from .base import Emulator, EmulatorConfig, model_tokenizer, register
 from .layerdrop import select_middle
 
 SCORES = ("gradient", "magnitude")
@@ -173,14 +173,14 @@ def find_sites(model: nn.Module, layout: BlockLayout, blocks: list[int]) -> tupl
 def support_features(tokenizer, config: GradOTConfig) -> list[dict[str, list[int]]]:
     """Tokenised support sequences: packed generic text, or a task's train examples (answers labelled)."""
     if config.support_task == "generic":
-        from ..distill import pack_blocks
+        from ..lm import pack_blocks
         from ..tasks import load_generic_text
 
         # ~4 characters per English token; pack_blocks cuts full blocks only.
         texts = load_generic_text(limit_chars=6 * config.support_size * config.support_max_length)
         return pack_blocks(tokenizer, texts, config.support_max_length)[: config.support_size]
     from ..tasks import load_train_examples
-    from ..training import tokenize_examples
+    from ..lm import tokenize_examples
 
     examples = load_train_examples(config.support_task, limit=config.support_size, seed=config.seed)
     return tokenize_examples(tokenizer, examples, config.support_max_length)
@@ -245,7 +245,7 @@ def collect_statistics(model: PreTrainedModel, modules: dict[str, nn.Module], fe
                        batch_size: int) -> dict[str, Stats]:
     """K-FAC factors and mean-loss gradients of `modules` over the support `features`."""
     from ..data import IGNORE_INDEX, pad_batch
-    from ..training import causal_lm_loss
+    from ..lm import causal_lm_loss
 
     device = next(model.parameters()).device
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -530,7 +530,7 @@ def build_gradot(model: PreTrainedModel, layout: BlockLayout, config: GradOTConf
     positions = list(range(len(bottom), len(bottom) + len(kept_middle)))  # middle blocks in the emulator
     features, pad_id = None, 0
     if config.score == "gradient":
-        from ..training import pad_token_id
+        from ..lm import pad_token_id
 
         tokenizer = tokenizer or model_tokenizer(model, "gradot")
         features, pad_id = support_features(tokenizer, config), pad_token_id(tokenizer)

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 
 from ..errors import ConfigError
 from ..surgery import BlockLayout, build_reduced_model
-from . import Emulator, EmulatorConfig, register
+from .base import Emulator, EmulatorConfig, register
 
 
 @dataclass

@@ -81,7 +81,7 @@ from ..structure import (
     linear_shape,
 )
 from ..surgery import BlockLayout, attention_linear_names, build_reduced_model, discover_layout, get_blocks
-from . import Emulator, EmulatorConfig, register
+from .base import Emulator, EmulatorConfig, register
 
 ARTIFACT_KIND = "scaleot-artifact"
 HARMONIZERS_FILE = "harmonizers.safetensors"
@@ -223,7 +223,7 @@ def importance_texts(config: ImportanceConfig) -> list[str]:
 
 def split_features(tokenizer, texts: list[str], config: ImportanceConfig):
     """Packed blocks of `block_size` tokens: (training blocks, held-out blocks), the held-out ones last."""
-    from ..distill import pack_blocks
+    from ..lm import pack_blocks
 
     blocks = pack_blocks(tokenizer, texts, config.block_size)
     heldout = max(1, round(config.heldout_fraction * len(blocks)))
@@ -380,8 +380,8 @@ def estimate_importance(
     from transformers import get_scheduler
 
     from ..bundle import model_fingerprint
-    from ..checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-    from ..training import causal_lm_loss
+    from ..checkpoint import list_checkpoints, restore_checkpoint, save_checkpoint
+    from ..lm import causal_lm_loss
 
     config = config or ImportanceConfig()
     out_dir = Path(out_dir)
@@ -430,7 +430,7 @@ def estimate_importance(
         state = json.loads((latest / "state.json").read_text())["position"]
         if state.get("identity") != identity:
             raise ConfigError(f"{ckpt_dir} holds a run with other settings or another base model; choose another --out or --overwrite")
-        pos = load_checkpoint(latest, trainable, optimizer, scheduler)
+        pos = restore_checkpoint(latest, trainable, optimizer, scheduler)
         step, baseline, history, window = pos["step"], pos["baseline"], pos["history"], pos["window"]
         log(f"[scaleot] resumed from {latest} at step {step}")
 
@@ -552,7 +552,7 @@ def estimate_importance(
 
 def harmonizer_loss(model, blocks, originals, harmonizers, middle, replaced, batch, config: ImportanceConfig, use) -> torch.Tensor:
     """The loss one harmonizer step minimises, by `config.objective` (see ImportanceConfig)."""
-    from ..training import causal_lm_loss
+    from ..lm import causal_lm_loss
 
     mask = batch["attention_mask"]
     if config.objective == "local":
@@ -598,7 +598,7 @@ def harmonizer_loss(model, blocks, originals, harmonizers, middle, replaced, bat
 @torch.no_grad()
 def measure_swaps(model, blocks, originals, harmonizers, middle, sequences, batch_size, device, autocast) -> dict:
     """Held-out loss with each middle block alone swapped for its harmonizer, against the original network's."""
-    from ..training import causal_lm_loss
+    from ..lm import causal_lm_loss
 
     def heldout_loss(swapped: list[int]) -> float:
         for i in middle:
@@ -618,7 +618,7 @@ def measure_swaps(model, blocks, originals, harmonizers, middle, sequences, batc
 def importance_checkpoint(model_path: str | Path, out_dir: str | Path, config: ImportanceConfig | None = None,
                           base_name: str = "", **kwargs) -> Path:
     """Stage (a) on a checkpoint directory (what `offsite scaleot-importance` runs)."""
-    from ..emulator import load_checkpoint
+    from ..models import load_checkpoint
 
     config = config or ImportanceConfig()
     if Path(out_dir).exists() and not kwargs.get("overwrite"):

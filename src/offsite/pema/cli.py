@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from ..cli import _reject_leftovers, add_dataclass_flags, build_dataclass, split_for, take
+from ..options import _reject_leftovers, add_dataclass_flags, build_dataclass, split_for, take
 from ..errors import ConfigError
 from .generate import GenerateConfig
 from .memory import MemoryConfig
@@ -56,7 +56,7 @@ def _examples(opts: dict, split: str):
 
 
 def cmd_pema_head(opts: dict) -> None:
-    from ..cli import print_summary
+    from ..options import print_summary
     from ..models import resolve_model
     from .head import export_head_checkpoint
 
@@ -86,7 +86,7 @@ def cmd_pema_memory(opts: dict) -> None:
 
 
 def cmd_pema_train(opts: dict) -> None:
-    from ..cli import print_summary
+    from ..options import print_summary
     from .train import train_pema_bundle
 
     memory, head, out = take(opts, "memory"), take(opts, "head"), take(opts, "out")

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import _reject_leftovers, split_for, take
+from ..options import _reject_leftovers, split_for, take
 from ..errors import ConfigError
 from .client import TOKEN_ENV, URL_ENV
 from .config import ServeConfig

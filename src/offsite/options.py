@@ -1,0 +1,180 @@
+"""What every command module shares: flags generated from config dataclasses, YAML configs merged
+with flags, taking options one by one, and the bundle summary the commands print.
+
+`offsite.cli`, `offsite.pema.cli` and `offsite.service.commands` all import this; none of them
+imports another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from .errors import BundleError, ConfigError
+
+
+# ---------------------------------------------------------------- dataclass <-> argparse / YAML
+def _base_type(tp):
+    """int for `int | None`, list[int] for `list[int] | None`, etc."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str] | None = None) -> None:
+    """One `--field-name` flag per dataclass field; unset flags stay out of the namespace."""
+    seen = seen if seen is not None else set()
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in seen:
+            continue
+        seen.add(field.name)
+        flag = "--" + field.name.replace("_", "-")
+        tp = _base_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else None
+        kw = dict(dest=field.name, default=argparse.SUPPRESS, help=f"(default: {default})")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, type=_int_list, metavar="I,J,...", **kw)
+        else:
+            parser.add_argument(flag, type=tp, **kw)
+
+
+def build_dataclass(cls, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no option(s) {unknown}")
+    return cls(**values)
+
+
+def load_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def merged_options(args: argparse.Namespace) -> dict:
+    """YAML values overridden by the flags given on the command line."""
+    opts = load_yaml(getattr(args, "config", None))
+    opts.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "quiet")})
+    return opts
+
+
+def take(opts: dict, name: str, default=dataclasses.MISSING):
+    if name in opts:
+        return opts.pop(name)
+    if default is dataclasses.MISSING:
+        raise ConfigError(f"missing required option --{name.replace('_', '-')} (on the command line or in --config)")
+    return default
+
+
+def split_for(cls, opts: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: opts.pop(k) for k in list(opts) if k in names}
+
+
+def reject_leftovers(opts: dict) -> None:
+    if opts:
+        raise ConfigError(f"unknown option(s) {sorted(opts)}")
+
+
+def print_summary(bundle_dir) -> None:
+    """Human-readable account of what a bundle holds (verifies it first)."""
+    from .bundle import read_manifest
+
+    m = read_manifest(bundle_dir)
+    try:
+        text = _summary(bundle_dir, m)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise BundleError(f"manifest of {bundle_dir} is malformed ({type(e).__name__}: {str(e)[:100]})") from None
+    print(text)
+
+
+def _summary(bundle_dir, m: dict) -> str:
+    from .bundle import SIGNATURE, bundle_fingerprint
+
+    base = m.get("base", {})
+    lines = [
+        f"bundle      {bundle_dir}",
+        f"kind        {m['kind']}   (offsite format v{m['format_version']}, {m.get('created_by', '?')})",
+        f"fingerprint {bundle_fingerprint(m)[:16]}",
+        f"base model  {base.get('name', '?')}  [{base.get('model_type', '?')}, {base.get('num_blocks', '?')} blocks, "
+        f"{base.get('dtype', '?')}, fingerprint {str(base.get('fingerprint', '?'))[:16]}]",
+    ]
+    if m["kind"] == "emulator":
+        blocks = m["blocks"]
+        lines += [
+            f"method      {m['method']['name']}  {json.dumps(m['method']['params'])}",
+            f"blocks      {len(blocks['map'])} of {base.get('num_blocks')}: emulator -> original {blocks['map']}",
+            f"adapter     original blocks {blocks['adapter']} (emulator blocks {blocks['trainable']}, trainable)",
+        ]
+        if "stats" in m:
+            s = m["stats"]
+            lines.append(
+                f"parameters  emulator {s['emulator_parameters']:,} of base {s['base_parameters']:,} "
+                f"({100 * s['emulator_parameters'] / s['base_parameters']:.1f}%)"
+            )
+    elif m["kind"] == "adapter":
+        a, t = m["adapter"], m.get("training", {})
+        lines += [
+            f"adapter     {a['type']} on original blocks {a['blocks']}: {a.get('num_parameters', 0):,} parameters in {a.get('num_tensors')} tensors",
+            f"emulator    {m['emulator']['fingerprint'][:16]} ({m['emulator']['method']['name']})",
+            f"training    lr {t.get('learning_rate')}, batch {t.get('batch_size')}x{t.get('grad_accum')}, "
+            f"schedule {t.get('schedule')}, precision {t.get('precision')}, seed {t.get('seed')}",
+            f"metrics     {json.dumps(m.get('metrics', {}))}",
+        ]
+    elif m["kind"] == "scaleot-artifact":
+        body = m["scaleot"]
+        keep = {e["block"]: e["keep_probability"] for e in body["importance"]}
+        lines += [
+            f"harmonizer  rank {body['harmonizer']['rank']}, {body['harmonizer']['activation']}, one per middle block "
+            f"{body['middle'][0]}-{body['middle'][-1]}; {body['training']['steps']} steps",
+            "importance  keep probability, least important first: " + ", ".join(f"{b}: {keep[b]:.2f}" for b in body["ranking"]),
+        ]
+    elif m["kind"] == "plugged":
+        lines.append(f"adapter     {m['adapter']['type']} {m['adapter']['fingerprint'][:16]}, merged: {m['adapter']['merged']}")
+    elif m["kind"] == "pema-head":
+        h = m["head"]
+        lines.append(f"head        final norm {h['norm']['type']} + LM head {h['vocab_size']:,} x {h['hidden_size']}"
+                     f"{' (tied: the input embeddings too)' if h.get('tied_embeddings') else ''}, {h['dtype']}")
+    elif m["kind"] == "pema-adapter":
+        a, mem = m["pema"], m["memory"]
+        lines += [
+            f"pema        rank {a['rank']} on representations of size {a['hidden_size']}; head bundle {m['head']['fingerprint'][:16]}",
+            f"memory      {mem['rows']:,} rows from {mem['examples']:,} examples ({mem['contexts']} contexts), "
+            f"mean target {mem['mean_target_length']:.2f} tokens",
+            f"metrics     {json.dumps({k: v for k, v in m.get('metrics', {}).items() if not isinstance(v, dict)})}",
+        ]
+    signed = (Path(bundle_dir) / SIGNATURE).is_file()
+    lines.append(f"signature   {SIGNATURE} present (check it: offsite verify BUNDLE --key PUB)" if signed else "signature   none")
+    lines.append("files       (all SHA-256 verified)")
+    lines += [f"  {name:<34} {meta['size']:>14,} B  {meta['sha256'][:16]}" for name, meta in m["files"].items()]
+    return "\n".join(lines)
+
+
+_reject_leftovers = reject_leftovers
