@@ -29,7 +29,7 @@ def test_two_party_round_trip_from_the_cli(base_dir, examples, tmp_path, capsys)
     config = tmp_path / "ft.yaml"
     config.write_text(yaml.safe_dump({"bundle": str(tmp_path / "emu"), "data": str(data), "lora": True, "lora_r": 4, "max_steps": 3, "batch_size": 4}))
     code, _, err = run(capsys, "finetune", "--config", config, "--out", tmp_path / "run", "--trusted-key", data_owner / "offsite.pub")
-    assert code == 2 and "signature does not verify" in err and not (tmp_path / "run" / "adapter").exists()
+    assert code == 1 and "signature does not verify" in err and not (tmp_path / "run" / "adapter").exists()
     code, out, _ = run(capsys, "finetune", "--config", config, "--out", tmp_path / "run", "--lr", "0.01",
                        "--trusted-key", owner / "offsite.pub", "--sign-key", data_owner / "offsite.key")
     assert code == 0, out
@@ -42,7 +42,7 @@ def test_two_party_round_trip_from_the_cli(base_dir, examples, tmp_path, capsys)
     code, out, _ = run(capsys, "verify", adapter, "--key", data_owner / "offsite.pub")
     assert code == 0 and out.startswith(f"OK: {adapter}: adapter bundle")
     code, _, err = run(capsys, "verify", adapter, "--key", owner / "offsite.pub")
-    assert code == 2 and err.count("\n") == 1 and "signature does not verify" in err
+    assert code == 1 and err.count("\n") == 1 and "signature does not verify" in err
 
     code, _, err = run(capsys, "plugin", "--model", base_dir, "--adapter", adapter, "--out", tmp_path / "plugged")
     assert code == 2 and "missing required option --emulator" in err
@@ -58,7 +58,7 @@ def test_two_party_round_trip_from_the_cli(base_dir, examples, tmp_path, capsys)
 def test_verify_names_the_tampered_file(tmp_path, capsys, base_dir):
     run(capsys, "keygen", "--out", tmp_path / "k")
     code, _, err = run(capsys, "keygen", "--out", tmp_path / "k")
-    assert code == 2 and "already exists, not overwriting" in err
+    assert code == 1 and "already exists, not overwriting" in err
     run(capsys, "compress", "--model", base_dir, "--out", tmp_path / "emu", "--num-kept", 2, "--sign-key", tmp_path / "k" / "offsite.key")
     code, out, _ = run(capsys, "verify", tmp_path / "emu", "--key", tmp_path / "k" / "offsite.pub")
     assert code == 0 and "OK" in out
@@ -67,7 +67,7 @@ def test_verify_names_the_tampered_file(tmp_path, capsys, base_dir):
     data[len(data) // 2] ^= 0x10
     weights.write_bytes(bytes(data))
     code, out, err = run(capsys, "verify", tmp_path / "emu", "--key", tmp_path / "k" / "offsite.pub")
-    assert code == 2 and out == "" and err.count("\n") == 1 and "model.safetensors does not match its SHA-256" in err
+    assert code == 1 and out == "" and err.count("\n") == 1 and "model.safetensors does not match its SHA-256" in err
     code, _, err = run(capsys, "verify", tmp_path / "emu")
     assert code == 2 and "give --key" in err
 
@@ -87,14 +87,17 @@ def test_verify_names_the_tampered_file(tmp_path, capsys, base_dir):
     ],
 )
 def test_errors_are_one_line(argv, message, capsys):
+    """Exit status 2 for a wrong command line (missing, unknown or conflicting options), 1 for a
+    command that was understood and failed; one line either way."""
     code, out, err = run(capsys, *argv)
-    assert code == 2
+    usage = "missing required option" in message or "exactly one of" in message
+    assert code == (2 if usage else 1)
     assert err.startswith("offsite: error: ") and message in err and err.count("\n") == 1
 
 
 def test_method_flags_are_checked_by_the_method(base_dir, tmp_path, capsys):
     code, _, err = run(capsys, "compress", "--model", base_dir, "--out", tmp_path / "e", "--num-kept", 9)
-    assert code == 2 and "more than the 4 middle blocks" in err
+    assert code == 1 and "more than the 4 middle blocks" in err
     assert not (tmp_path / "e").exists()
     code, _, err = run(capsys, "compress", "--model", base_dir, "--out", tmp_path / "e", "--kept-blocks", "2,5")
     assert code == 0
@@ -116,9 +119,9 @@ def test_evaluate_takes_user_task_files_and_checks_every_task_first(base_dir, tm
     loaded = []
     monkeypatch.setattr(C, "_model_for_evaluation", lambda *a, **k: loaded.append(1))
     for bad, message in ((f"{mine},arc_eassy", "unknown task 'arc_eassy'"), (str(tmp_path / "none.jsonl"), "task file not found")):
-        assert main(["evaluate", "--model", str(base_dir), "--tasks", bad]) == 2
+        assert main(["evaluate", "--model", str(base_dir), "--tasks", bad]) == 1
         assert message in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": [" a"], "gold": 0}\n')
-    assert main(["evaluate", "--model", str(base_dir), "--tasks", str(tmp_path / "bad.jsonl")]) == 2
+    assert main(["evaluate", "--model", str(base_dir), "--tasks", str(tmp_path / "bad.jsonl")]) == 1
     assert "two or more texts" in capsys.readouterr().err
     assert loaded == []  # no model was loaded for any of them

@@ -526,9 +526,9 @@ def test_pema_commands_end_to_end(base_dir, tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in records] == ["11 apples", "12 apples", "13 apples"]
     code, _, err = run(capsys, "pema-train", "--memory", tmp_path / "memory", "--head", tmp_path / "head", "--out", tmp_path / "pema")
-    assert code == 2 and "already exists" in err and err.count("\n") == 1
+    assert code == 1 and "already exists" in err and err.count("\n") == 1
     code, _, err = run(capsys, "pema-generate", "--model", base_dir, "--head", tmp_path / "head", "--lambda-max", 2)
-    assert code == 2 and "lambda_max must be in [0, 1]" in err
+    assert code == 1 and "lambda_max must be in [0, 1]" in err
     assert math.isfinite(json.loads((tmp_path / "pema" / "manifest.json").read_text())["metrics"]["joint"]["best_val_loss"])
 
 

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 
-from .errors import ConfigError, OffsiteError
+from . import __version__
+from .errors import ConfigError, OffsiteError, UsageError
 from .options import (  # noqa: F401  (shared with the pema and service command modules)
     _reject_leftovers,
     add_dataclass_flags,
@@ -57,7 +58,7 @@ def cmd_finetune(opts: dict) -> None:
     config = build_dataclass(FinetuneConfig, split_for(FinetuneConfig, opts))
     _reject_leftovers(opts)
     if bool(data) == bool(task):
-        raise ConfigError("give exactly one of --data FILE.jsonl or --task NAME")
+        raise UsageError("give exactly one of --data FILE.jsonl or --task NAME")
     if data:
         def bundle_tokenizer():  # only for chat records: verified first, as finetune will verify it again
             from transformers import AutoTokenizer
@@ -128,7 +129,7 @@ def cmd_plugin(opts: dict) -> None:
 def _issued_emulator_option(opts: dict) -> str:
     emulator = take(opts, "emulator", None)
     if not emulator:
-        raise ConfigError(
+        raise UsageError(
             "missing required option --emulator: the emulator bundle you issued for this adapter "
             "(its manifest says which blocks the adapter may change)"
         )
@@ -163,7 +164,7 @@ def cmd_verify(opts: dict) -> None:
     _reject_leftovers(opts)
     keys = trusted_keys(key)
     if not keys:
-        raise ConfigError("give --key PUBLIC_KEY_FILE (or set OFFSITE_TRUSTED_KEY) to verify a bundle's signature")
+        raise UsageError("give --key PUBLIC_KEY_FILE (or set OFFSITE_TRUSTED_KEY) to verify a bundle's signature")
     manifest = read_manifest(bundle, trusted_key=keys)
     print(f"OK: {bundle}: {manifest['kind']} bundle, signature by trusted key {' or '.join(key_id(k) for k in keys)}, "
           f"{len(manifest['files'])} files SHA-256 verified")
@@ -224,7 +225,7 @@ def _model_for_evaluation(model_arg, bundle, adapter, emulator=None, trust=None)
     from .plugin import plug_in, plug_into_emulator
 
     if bool(model_arg) == bool(bundle):
-        raise ConfigError("give exactly one of --model (full model) or --bundle (emulator bundle)")
+        raise UsageError("give exactly one of --model (full model) or --bundle (emulator bundle)")
     if bundle:
         trust = trust or {}
         loaded = load_emulator(bundle, trusted_key=trust.get("trusted_key"))
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of Hugging Face causal LMs.")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars (as TQDM_DISABLE=1)")
+    parser.add_argument("--version", action="version", version=f"offsite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, func, help):
@@ -415,9 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # every offsite bar honours it (offsite.progress)
     try:
         args.func(merged_options(args))
+    except UsageError as e:
+        print(f"offsite: error: {e}", file=sys.stderr)
+        return 2  # the command line is wrong (as argparse's own usage errors)
     except OffsiteError as e:
         print(f"offsite: error: {e}", file=sys.stderr)
-        return 2
+        return 1  # the command was understood and refused or failed: one line says why
     except KeyboardInterrupt:
         print("offsite: interrupted", file=sys.stderr)
         return 130

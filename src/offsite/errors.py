@@ -13,6 +13,10 @@ class ConfigError(OffsiteError):
     """An invalid combination of settings (e.g. k > number of middle blocks)."""
 
 
+class UsageError(ConfigError):
+    """The command line itself is wrong: a missing, unknown or conflicting option (exit status 2)."""
+
+
 class BundleError(OffsiteError):
     """A bundle is missing, corrupt, foreign or does not match what it claims."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, UsageError
 
 
 # ---------------------------------------------------------------- dataclass <-> argparse / YAML
@@ -89,7 +89,7 @@ def take(opts: dict, name: str, default=dataclasses.MISSING):
     if name in opts:
         return opts.pop(name)
     if default is dataclasses.MISSING:
-        raise ConfigError(f"missing required option --{name.replace('_', '-')} (on the command line or in --config)")
+        raise UsageError(f"missing required option --{name.replace('_', '-')} (on the command line or in --config)")
     return default
 
 
@@ -100,7 +100,7 @@ def split_for(cls, opts: dict) -> dict:
 
 def reject_leftovers(opts: dict) -> None:
     if opts:
-        raise ConfigError(f"unknown option(s) {sorted(opts)}")
+        raise UsageError(f"unknown option(s) {sorted(opts)}")
 
 
 def print_summary(bundle_dir) -> None:

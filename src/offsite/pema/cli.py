@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..options import _reject_leftovers, add_dataclass_flags, build_dataclass, split_for, take
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from .generate import GenerateConfig
 from .memory import MemoryConfig
 from .train import PemaConfig
@@ -28,17 +28,17 @@ def _server(opts: dict):
 
     url, token, model = take(opts, "url", None), take(opts, "token", None), take(opts, "model", None)
     if url and model:
-        raise ConfigError("give --url (the owner's service) or --model (an in-process owner), not both")
+        raise UsageError("give --url (the owner's service) or --model (an in-process owner), not both")
     if not model:
         from ..service.client import URL_ENV, Client, RemoteOwner
 
         if not (url or os.environ.get(URL_ENV)):
-            raise ConfigError(f"no owner to ask for representations: give --url (or set ${URL_ENV}) or --model")
+            raise UsageError(f"no owner to ask for representations: give --url (or set ${URL_ENV}) or --model")
         if "device" in opts:
-            raise ConfigError("--device is for an in-process owner (--model); the service chooses its own")
+            raise UsageError("--device is for an in-process owner (--model); the service chooses its own")
         return RemoteOwner(Client.from_options(url, token))
     if token:
-        raise ConfigError("--token goes with --url, not with --model")
+        raise UsageError("--token goes with --url, not with --model")
     path, _ = resolve_model(model)
     device = resolve_device(take(opts, "device", "auto"))
     model, _ = load_checkpoint(path)
@@ -51,7 +51,7 @@ def _examples(opts: dict, split: str):
 
     data, task, limit = take(opts, "data", None), take(opts, "task", None), take(opts, "limit", None)
     if bool(data) == bool(task):
-        raise ConfigError("give exactly one of --data FILE.jsonl or --task (piqa, sciq, kjv2web, web2bbe)")
+        raise UsageError("give exactly one of --data FILE.jsonl or --task (piqa, sciq, kjv2web, web2bbe)")
     return load_examples(data)[:limit] if data else load_generation_examples(task, split, limit=limit)
 
 

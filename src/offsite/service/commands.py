@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..options import _reject_leftovers, split_for, take
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from .client import TOKEN_ENV, URL_ENV
 from .config import ServeConfig
 
@@ -138,7 +138,7 @@ def _remote_submit(client, opts: dict) -> None:
     eval_limit, wait = take(opts, "eval_limit", None), take(opts, "wait", False)
     _reject_leftovers(opts)
     if bool(task) == bool(docs_file):
-        raise ConfigError("give exactly one of --task NAME or --docs FILE.jsonl")
+        raise UsageError("give exactly one of --task NAME or --docs FILE.jsonl")
     docs = load_docs(docs_file) if docs_file else None
     job = client.submit(upload, task=task, docs=docs, eval_limit=eval_limit)
     print(f"job {job['id']} {job['state']}")
