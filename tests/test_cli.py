@@ -125,3 +125,19 @@ def test_evaluate_takes_user_task_files_and_checks_every_task_first(base_dir, tm
     assert main(["evaluate", "--model", str(base_dir), "--tasks", str(tmp_path / "bad.jsonl")]) == 1
     assert "two or more texts" in capsys.readouterr().err
     assert loaded == []  # no model was loaded for any of them
+
+
+def test_manifest_text_cannot_fake_lines_or_drive_the_terminal(base_dir, tmp_path, capsys):
+    """Regression (#23): newlines and ANSI escapes in manifest names were printed raw."""
+    from conftest import edit_manifest
+
+    from offsite.emulator import compress_checkpoint
+    from offsite.methods import make_config
+    from offsite.options import terminal_safe
+
+    assert terminal_safe("a\nb\x1b[31mc\td") == "a\\nb\\x1b[31mc\\td"
+    emu = compress_checkpoint(base_dir, tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    edit_manifest(emu, lambda m: m["base"].update(name="evil\nOK: verified\x1b[2J"))
+    capsys.readouterr()
+    code, out, err = run(capsys, "inspect", emu)
+    assert code == 0 and "evil\\nOK: verified\\x1b[2J" in out and "\x1b" not in out

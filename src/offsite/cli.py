@@ -24,6 +24,7 @@ from .options import (  # noqa: F401  (shared with the pema and service command 
     print_summary,
     split_for,
     take,
+    terminal_safe,
 )
 
 
@@ -418,10 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(merged_options(args))
     except UsageError as e:
-        print(f"offsite: error: {e}", file=sys.stderr)
+        print(f"offsite: error: {terminal_safe(e)}", file=sys.stderr)
         return 2  # the command line is wrong (as argparse's own usage errors)
     except OffsiteError as e:
-        print(f"offsite: error: {e}", file=sys.stderr)
+        print(f"offsite: error: {terminal_safe(e)}", file=sys.stderr)
         return 1  # the command was understood and refused or failed: one line says why
     except KeyboardInterrupt:
         print("offsite: interrupted", file=sys.stderr)

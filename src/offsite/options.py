@@ -103,16 +103,31 @@ def reject_leftovers(opts: dict) -> None:
         raise UsageError(f"unknown option(s) {sorted(opts)}")
 
 
+def terminal_safe(text: str) -> str:
+    """`text` with every control or other non-printable character escaped (\\n, \\x1b, ...): a manifest
+    value can then neither start a fake line nor send escape sequences to the user's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def print_summary(bundle_dir) -> None:
     """Human-readable account of what a bundle holds (verifies it first)."""
     from .bundle import read_manifest
 
     m = read_manifest(bundle_dir)
     try:
-        text = _summary(bundle_dir, m)
+        text = _summary(terminal_safe(str(bundle_dir)), _safe_values(m))
     except (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError) as e:
         raise BundleError(f"manifest of {bundle_dir} is malformed ({type(e).__name__}: {str(e)[:100]})") from None
     print(text)
+
+
+def _safe_values(value):
+    """The manifest with every string (keys too) passed through terminal_safe."""
+    if isinstance(value, dict):
+        return {terminal_safe(k) if isinstance(k, str) else k: _safe_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_safe_values(v) for v in value]
+    return terminal_safe(value) if isinstance(value, str) else value
 
 
 def _summary(bundle_dir, m: dict) -> str:
