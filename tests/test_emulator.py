@@ -190,3 +190,24 @@ def test_an_unsupported_model_type_is_refused(tmp_path):
     _edit_config(emu, lambda c: c.update(model_type="gptj"))
     with pytest.raises(BundleError, match="model_type 'gptj', not one of the supported"):
         load_emulator(emu)
+
+
+def test_a_mismatched_checkpoint_is_one_line_without_the_load_report(tmp_path, capsys, monkeypatch):
+    """Regression (#23): transformers printed its multi-line load report before offsite's one-line error."""
+    from safetensors.torch import load_file, save_file
+    from tiny import save_tiny_checkpoint
+
+    from conftest import rehash
+    from offsite.cli import main
+
+    save_tiny_checkpoint("llama", tmp_path / "base")
+    emu = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    tensors = load_file(emu / "model.safetensors")
+    tensors.pop(next(k for k in tensors if "layers.3." in k))
+    save_file(tensors, emu / "model.safetensors", metadata={"format": "pt"})
+    rehash(emu)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    capsys.readouterr()
+    code = main(["evaluate", "--bundle", str(emu), "--tasks", "arc_easy", "--limit", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "does not match its config" in err and err.count("\n") == 1, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -123,6 +124,25 @@ MODEL_SIZE_FACTOR = 4
 MODEL_SIZE_SLACK = 1 << 30
 
 
+@contextlib.contextmanager
+def transformers_quiet():
+    """transformers' warnings and info off while it loads a bundle (offsite reports what matters itself)."""
+    from transformers.utils import logging as hf_logging
+
+    from .progress import bars_disabled
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if bars_disabled():  # TQDM_DISABLE / --quiet reach transformers' own bars too
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def check_config_size(config, dtype: torch.dtype, weight_bytes: int, where: Path) -> int:
     """Bytes of the model `config` describes, from a meta-device build (nothing allocated), or a one-line
     BundleError when that is far more than the bundle's weights can fill (a config-size bomb)."""
@@ -197,15 +217,16 @@ def load_emulator(
         check_config_size(config, dtype, weight_bytes, bundle_dir)
         # A restructured middle (e.g. GradOT) is rebuilt from its declaration before the weights load.
         model_class = structured_class(config, manifest) if "structure" in manifest else AutoModelForCausalLM
-        model, info = model_class.from_pretrained(
-            bundle_dir,
-            config=config,
-            dtype=dtype,
-            local_files_only=True,
-            use_safetensors=True,
-            trust_remote_code=False,
-            output_loading_info=True,
-        )
+        with transformers_quiet():  # its multi-line load report would precede our one-line verdict below
+            model, info = model_class.from_pretrained(
+                bundle_dir,
+                config=config,
+                dtype=dtype,
+                local_files_only=True,
+                use_safetensors=True,
+                trust_remote_code=False,
+                output_loading_info=True,
+            )
         tokenizer = AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
     except BundleError:
         raise
