@@ -381,3 +381,60 @@ def test_fuzz_manifests(world, data):
 @given(data=st.data())
 def test_fuzz_emulator_bundle(world, data):
     check_case("emulator", world, data)
+
+
+# ---------------------------------------------------------------- config-size bombs
+SIZE_KEYS = {  # per family: the config numbers that decide how much memory a model needs
+    "llama": ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings", "num_attention_heads"),
+    "gpt2": ("vocab_size", "n_embd", "n_positions", "n_inner", "n_head"),
+    "opt": ("vocab_size", "hidden_size", "ffn_dim", "max_position_embeddings", "word_embed_proj_dim"),
+}
+
+
+@pytest.fixture(scope="module")
+def bomb_bundles(tmp_path_factory):
+    from tiny import save_tiny_checkpoint
+
+    from offsite.emulator import compress_checkpoint
+    from offsite.methods import make_config
+
+    root = tmp_path_factory.mktemp("bombs")
+    out = {}
+    for family in SIZE_KEYS:
+        save_tiny_checkpoint(family, root / f"{family}-base")
+        out[family] = compress_checkpoint(root / f"{family}-base", root / family, "layerdrop", make_config("layerdrop", num_kept=2))
+    return out
+
+
+@settings(max_examples=int(os.environ.get("OFFSITE_FUZZ_EXAMPLES", 200)) // 4, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_config_size_bombs_are_refused_before_allocation(bomb_bundles, tmp_path_factory, data):
+    """Huge size numbers in an emulator's config (the hashes rewritten, as an attacker holding the
+    manifest would) end in a one-line OffsiteError, never an allocation: the meta-device estimate
+    runs first (the process would run out of memory otherwise)."""
+    from conftest import rehash
+
+    from offsite.emulator import load_emulator
+    from offsite.errors import OffsiteError
+
+    family = data.draw(st.sampled_from(sorted(SIZE_KEYS)))
+    keys = data.draw(st.lists(st.sampled_from(SIZE_KEYS[family]), min_size=1, max_size=3, unique=True))
+    values = {k: data.draw(st.integers(min_value=10**6, max_value=10**12)) for k in keys}
+    bundle = tmp_path_factory.mktemp("bomb") / family
+    shutil.copytree(bomb_bundles[family], bundle)
+    config = json.loads((bundle / "config.json").read_text())
+    config.update(values)
+    (bundle / "config.json").write_text(json.dumps(config))
+    rehash(bundle)
+    try:
+        loaded = load_emulator(bundle)
+    except OffsiteError as error:
+        assert "\n" not in str(error)
+        FUZZ_CASES["config bomb: rejected"] += 1
+        return
+    # Some numbers cost nothing (Llama's rotary buffer does not grow with max_position_embeddings): a load is
+    # fine as long as what was built is small.
+    size = sum(t.numel() * t.element_size() for t in list(loaded.model.parameters()) + list(loaded.model.buffers()))
+    assert size < 1 << 30, (values, size)
+    FUZZ_CASES["config bomb: loaded, small"] += 1
