@@ -403,3 +403,22 @@ def test_balanced_lambda_weighs_both_terms_equally(tokenizer):
     assert strong.structure != zero_abs.structure  # the loss term now decides
     with pytest.raises(ConfigError, match="lambda_scale must be one of"):
         gradot(lambda_scale="relative")
+
+
+def test_a_structure_that_loads_but_cannot_compute_is_refused_on_load(base_dir, tmp_path):
+    """Regression (#23): a declared structure whose parts each load (the up projection pruned, the gate
+    not) broke later, in fine-tuning. One token through the model on load refuses it with one line."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import rehash
+
+    emu = compress_checkpoint(base_dir, tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    tensors = load_file(emu / "model.safetensors")
+    key = "model.layers.2.mlp.up_proj.weight"
+    tensors[key] = tensors[key][:60].contiguous()
+    save_file(tensors, emu / "model.safetensors", metadata={"format": "pt"})
+    edit_manifest(emu, lambda m: m.update(structure={"model.layers.2.mlp.up_proj": {"out_features": 60}}))
+    rehash(emu)
+    with pytest.raises(BundleError, match="declared structure does not compute") as error:
+        load_emulator(emu)
+    assert "\n" not in str(error.value)

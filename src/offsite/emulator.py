@@ -239,6 +239,14 @@ def load_emulator(
     layout = discover_layout(model)
     if layout.num_blocks != len(manifest["blocks"]["map"]):
         raise BundleError(f"emulator has {layout.num_blocks} blocks but its manifest maps {len(manifest['blocks']['map'])}: {bundle_dir}")
+    if "structure" in manifest:
+        # Each declared shape is checked on its own when applied; that they fit together (an MLP whose
+        # gate and up projections disagree) only shows when data flows: one token through the model.
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
+        except Exception as e:  # noqa: BLE001 - a broken structure becomes one line here, not in fine-tuning
+            raise BundleError(f"emulator's declared structure does not compute ({_first_line(e)}): {bundle_dir}") from None
     if device:
         model.to(device)
     model.eval()
