@@ -121,3 +121,36 @@ def test_an_oversized_answer_is_refused(hostile, monkeypatch):
     Hostile.routes = {"/v1/bundles": lambda h: send(h, b"[" + b"1," * 5000 + b"1]")}
     with pytest.raises(RemoteError, match="more than the limit of 1000"):
         Client(url, "ofs.a.b").list_bundles()
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(declared=st.integers(0, 64), sent=st.binary(max_size=3000), length=st.sampled_from(["true", "lie", "none"]),
+       manifest=st.sampled_from(["valid", "garbage", "no files", "negative size"]))
+def test_fuzz_a_lying_server_never_gets_more_written_than_declared(hostile, tmp_path_factory, declared, sent, length, manifest):
+    from offsite.errors import OffsiteError
+
+    server, url = hostile
+    expected = SMALL[:declared] if declared <= len(SMALL) else SMALL + b"x" * (declared - len(SMALL))
+    table = manifest_for({"config.json": expected})
+    body = {"valid": table, "garbage": b"{not json", "no files": b'{"files": {}}',
+            "negative size": json.dumps({"files": {"config.json": {"sha256": "0" * 64, "size": -1}}}).encode()}[manifest]
+    header_length = {"true": len(sent), "lie": max(0, len(sent) // 2), "none": None}[length]
+    Hostile.routes = {
+        BASE + "manifest.json": lambda h: send(h, body),
+        BASE + "config.json": lambda h: send(h, sent, length=header_length, close_delimited=header_length is None),
+    }
+    out = tmp_path_factory.mktemp("dl") / "out"
+    try:
+        Client(url, "ofs.a.b", timeout=5).download("emu", out)
+    except OffsiteError as e:
+        assert "\n" not in str(e)
+    partial = out.parent / ".out.partial" / "config.json"
+    for path in (partial, out / "config.json"):
+        if path.exists():
+            assert path.stat().st_size <= declared
+    if (out / "config.json").exists():
+        assert (out / "config.json").read_bytes() == expected  # only a verified file is ever in place
