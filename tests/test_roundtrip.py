@@ -139,3 +139,21 @@ def test_peft_loads_each_view_right_where_it_belongs(base_dir, tmp_path, example
     config = _json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base_dir.resolve())  # portable: absolute, not as typed
     assert _json.loads((adapter / "emulator" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(emu.resolve())
+
+
+def test_every_bundle_carries_a_model_card(base_dir, tmp_path, examples):
+    import yaml
+
+    from offsite.emulator import compress_checkpoint
+    from offsite.methods import make_config
+    from offsite.plugin import plugin_checkpoint
+    from offsite.training import FinetuneConfig, finetune
+
+    emu = compress_checkpoint(base_dir, tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    adapter = finetune(emu, examples, tmp_path / "run", FinetuneConfig(lora=True, lora_r=4, max_steps=2), progress=False)
+    plugged = plugin_checkpoint(base_dir, adapter, tmp_path / "plugged", emulator=emu)
+    for path, kind, library in ((emu, "emulator", "transformers"), (adapter, "adapter", "peft"), (plugged, "plugged", "transformers")):
+        text = (path / "README.md").read_text()
+        front = yaml.safe_load(text.split("---")[1])
+        assert front["library_name"] == library and front["base_model"] == str(base_dir.resolve()), (kind, front)
+        assert kind in front["tags"] and "offsite" in front["tags"] and "# " in text

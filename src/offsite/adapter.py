@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .bundle import DTYPES, bundle_fingerprint, load_verified_safetensors, read_json_member, read_manifest, write_bundle
+from .cards import model_card
 from .emulator import LoadedEmulator
 from .errors import BundleError
 from .surgery import BlockLayout
@@ -115,6 +116,7 @@ def save_adapter(
     }
 
     def write(tmp: Path) -> None:
+        (tmp / "README.md").write_text(model_card("adapter", manifest))
         if lora:
             save_file(tensors, tmp / LORA_WEIGHTS, metadata={"format": "pt"})
             lora.to_peft(base.get("name", "")).save_pretrained(tmp)

@@ -20,6 +20,7 @@ from .bundle import (
     safetensors_header,
     write_bundle,
 )
+from .cards import model_card
 from .errors import BundleError
 from .methods import Emulator, build_emulator
 from .models import load_checkpoint  # noqa: F401  (re-exported: the Hugging Face checkpoint loader)
@@ -61,6 +62,7 @@ def save_emulator(
 
     def write(tmp: Path) -> None:
         emulator.model.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card("emulator", manifest))
         tokenizer.save_pretrained(tmp)
 
     return write_bundle(out_dir, "emulator", manifest, write, overwrite=overwrite, sign_key=sign_key)

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from .adapter import PEFT_PREFIX, AdapterBundle, load_adapter
 from .bundle import DTYPES, bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, write_bundle
+from .cards import model_card
 from .emulator import LoadedEmulator, check_blocks, load_checkpoint
 from .errors import BundleError, PluginError
 from .signing import load_private_key
@@ -264,5 +265,6 @@ def plugin_checkpoint(
     def write(tmp: Path) -> None:
         plugged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card("plugged", manifest))  # after PEFT's own card, which it replaces
 
     return write_bundle(out_dir, "plugged", manifest, write, overwrite=overwrite, sign_key=sign_key)
