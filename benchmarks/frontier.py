@@ -265,6 +265,28 @@ def markdown(rows: list[dict], full: dict, tasks: list[str], args) -> str:
     return "\n".join(lines)
 
 
+def per_task_table(results: Path, tasks: list[str], args) -> str:
+    """Every number measured so far, point by point and task by task (complete points or not)."""
+    baseline = load(results, "full", args.seeds_list[0]) or {"tasks": {}}
+    lines = ["| point | seed | task | full ZS | full FT | emulator ZS | emulator FT | plug-in |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(data, task, setting):
+        r = data["tasks"].get(task, {}).get(setting)
+        return f"{100 * r['acc']:.1f}" if r else "–"
+
+    for point in ALL_POINTS:
+        for seed in args.seeds_list:
+            data = load(results, point, seed)
+            if not data:
+                continue
+            for task in tasks:
+                if task not in data["tasks"]:
+                    continue
+                lines.append(f"| {point} | {seed} | {task} | {cell(baseline, task, 'full_zs')} | {cell(baseline, task, 'full_ft')} | "
+                             f"{cell(data, task, 'emulator_zs')} | {cell(data, task, 'emulator_ft')} | {cell(data, task, 'plugin')} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], full: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -336,7 +358,8 @@ def main() -> None:
             return
 
     rows, full = frontier_rows(results, tasks, args)
-    table = markdown(rows, full, tasks, args)
+    table = markdown(rows, full, tasks, args) + "\n\nEvery number measured so far (raw accuracy %, 500 docs per task):\n\n" + \
+        per_task_table(results, tasks, args)
     results.mkdir(parents=True, exist_ok=True)
     (results / "table.md").write_text(table + "\n")
     plot(rows, full, results / "frontier.png", f"{args.model}: plug-in vs emulator fine-tuned ({', '.join(tasks)})")
