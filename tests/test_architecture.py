@@ -84,3 +84,16 @@ def test_one_name_per_meaning():
 
     assert hasattr(checkpoint, "restore_checkpoint") and not hasattr(checkpoint, "load_checkpoint")
     assert hasattr(models, "load_checkpoint")
+
+
+def test_the_public_api_is_importable_from_offsite_and_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, offsite; assert 'torch' not in sys.modules, 'import offsite pulled in torch'; "
+            "assert set(offsite.__all__) <= set(dir(offsite)); "
+            "from offsite import finetune, plug_in, compress_checkpoint, load_adapter, save_adapter, OffsiteError; "
+            "import offsite.training as t; assert finetune is t.finetune")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for name in offsite.__all__:
+        assert getattr(offsite, name) is not None, name
