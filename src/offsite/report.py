@@ -326,11 +326,13 @@ def write_outputs(data: dict, out: Path, config: ReportConfig) -> None:
             "",
         ]
     (out / "report.md").write_text("\n".join(body))
-    plot(data, out / "report.png")
+    size = json.dumps(config.method_params, sort_keys=True)
+    plot(data, out / "report.png", title=f"{config.title or 'offsite report'}: {config.model}, {config.method} {size}")
 
 
-def plot(data: dict, path: Path) -> Path | None:
-    """Grouped bars: one group per task (and the mean), one bar per setting. Skipped without matplotlib."""
+def plot(data: dict, path: Path, title: str = "") -> Path | None:
+    """Grouped bars: one group per task (and the mean), one bar per setting, raw accuracy with one
+    standard error; full zero-shot as a reference line per group. Skipped without matplotlib."""
     try:
         import matplotlib
 
@@ -345,9 +347,15 @@ def plot(data: dict, path: Path) -> Path | None:
     for j, s in enumerate(present):
         xs = [i + j * width for i, r in enumerate(rows) if s in r]
         ys = [r[s][0] for r in rows if s in r]
-        ax.bar(xs, ys, width, label=LABELS[s])
+        errors = [r.get(s + "_stderr", 0.0) for r in rows if s in r]  # the mean row has none: its bar stands alone
+        ax.bar(xs, ys, width, yerr=errors, capsize=2, label=LABELS[s])
+    for i, r in enumerate(rows):
+        if "full_zs" in r:
+            ax.hlines(r["full_zs"][0], i - width / 2, i + 0.8 - width / 2, colors="black", linestyles=":", linewidth=1)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["task"] for r in rows])
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("raw accuracy (%), ± one standard error")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
