@@ -108,9 +108,12 @@ def scaleot_kept(model: str, objective: str, alpha: float) -> tuple[list[int], l
 def method_spec(name: str, size: str, model: str = "smollm2-135m") -> tuple[str, dict, dict | None]:
     """(method, method_params, distill settings) of a frontier point."""
     k, fraction = size_of(size, model)
-    if name.startswith("scaleot-"):  # scaleot-<objective>
+    if name.startswith("scaleot-"):  # scaleot-<objective>, or scaleot-<objective>+direct: ranked by the direct swap measurement
         objective = name.removeprefix("scaleot-")
-        return "scaleot", {"artifact": str(ensure_artifact(model, objective)), "alpha": SCALEOT_ALPHA[size]}, None
+        params = {"alpha": SCALEOT_ALPHA[size]}
+        if objective.endswith("+direct"):
+            objective, params["ranking"] = objective.removesuffix("+direct"), "direct"
+        return "scaleot", {"artifact": str(ensure_artifact(model, objective)), **params}, None
     if name.startswith("ld@scaleot-"):  # ablation: LayerDrop keeping exactly ScaleOT's kept blocks (placement alone)
         _, kept = scaleot_kept(model, name.removeprefix("ld@scaleot-"), SCALEOT_ALPHA[size])
         return "layerdrop", {"kept_blocks": kept}, None
@@ -139,7 +142,8 @@ METHODS = ("layerdrop", "gradot", "crash", "magnitude", "layerdrop+kd", "scaleot
 # Grid order: the 50% size first (where methods differ most), then 85%.
 GRID = [f"{m}-50" for m in METHODS] + [f"{m}-85" for m in METHODS]
 # ScaleOT's objectives and ablations (issue: which component fails), and GradOT's lambda sweep.
-SCALEOT_STUDY = ["scaleot-lm-50", "scaleot-local-50", "ld@scaleot-match-50", "harm@ld-match-50", "scaleot-lm-85", "scaleot-local-85"]
+SCALEOT_STUDY = ["ld@scaleot-match-50", "harm@ld-match-50", "scaleot-match+direct-50", "scaleot-lm-50", "scaleot-local-50",
+                 "scaleot-lm-85", "scaleot-local-85"]
 LAMBDA_SWEEP = ["gradot-bal0.3-50", "gradot-bal1-50", "gradot-bal3-50"]
 ALL_POINTS = GRID + SCALEOT_STUDY + LAMBDA_SWEEP
 
