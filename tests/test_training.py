@@ -177,3 +177,11 @@ def test_the_loss_curve_is_saved_and_tqdm_disable_is_honoured(emulator_dir, exam
     assert "finetune" not in capsys.readouterr().err  # no bar
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [2, 4, 6] and all(e["loss"] > 0 and e["lr"] >= 0 for e in log)
+
+
+def test_the_manifest_records_processes_effective_batch_and_all_tokens(emulator_dir, examples, tmp_path):
+    adapter = finetune(emulator_dir, examples, tmp_path / "run", FinetuneConfig(batch_size=2, grad_accum=2, max_steps=2, lr=1e-3),
+                       progress=False)
+    metrics = json.loads((adapter / "manifest.json").read_text())["metrics"]
+    assert metrics["num_processes"] == 1 and metrics["effective_batch"] == 4
+    assert metrics["train_tokens"] > 0

@@ -75,8 +75,11 @@ def cmd_finetune(opts: dict) -> None:
 
         examples = load_train_examples(task, limit=limit, seed=config.seed)
     adapter = finetune(bundle, examples, out, config, resume=resume, overwrite=overwrite, sign_key=sign_key, trusted_key=trusted_key)
-    print(f"adapter bundle written to {adapter}")
-    print_summary(adapter)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under accelerate launch / torchrun every rank gets here: one summary
+        print(f"adapter bundle written to {adapter}")
+        print_summary(adapter)
 
 
 def cmd_distill(opts: dict) -> None:

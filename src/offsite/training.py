@@ -297,11 +297,16 @@ def train(
     accelerator.wait_for_everyone()
     model.eval()
     recent = losses[-config.log_every * config.grad_accum:]
+    # Tokens over every process (each saw its own shard of the batches); the effective batch is what one
+    # optimizer step averages over.
+    all_tokens = int(accelerator.reduce(torch.tensor([tokens], device=accelerator.device), reduction="sum").item())
     metrics = {
         "steps": step,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(recent) / max(1, len(recent)),
-        "train_tokens": tokens,
+        "train_tokens": all_tokens,
+        "num_processes": accelerator.num_processes,
+        "effective_batch": config.batch_size * config.grad_accum * accelerator.num_processes,
         "seconds": round(time.perf_counter() - start, 2),
         "num_examples": len(features),
     }
