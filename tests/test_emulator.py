@@ -211,3 +211,25 @@ def test_a_mismatched_checkpoint_is_one_line_without_the_load_report(tmp_path, c
     code = main(["evaluate", "--bundle", str(emu), "--tasks", "arc_easy", "--limit", "1"])
     err = capsys.readouterr().err
     assert code == 1 and "does not match its config" in err and err.count("\n") == 1, err
+
+
+def test_compress_keeps_the_checkpoint_dtype_and_checks_cheap_things_first(tmp_path, monkeypatch):
+    """#18: a bf16 checkpoint gives a bf16 bundle by default; a missing tokenizer is reported before any weight is read."""
+    from tiny import save_tiny_checkpoint
+
+    import offsite.emulator as E
+    from offsite.errors import BundleError
+
+    save_tiny_checkpoint("llama", tmp_path / "base")
+    base, tok = E.load_checkpoint(tmp_path / "base")
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    emu = compress_checkpoint(tmp_path / "bf16", tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    assert load_emulator(emu).manifest["base"]["dtype"] == "bfloat16"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / name).unlink(missing_ok=True)
+    loaded = []
+    monkeypatch.setattr(E, "load_checkpoint", lambda *a, **k: loaded.append(1))
+    with pytest.raises(BundleError, match="tokenizer cannot be loaded"):
+        compress_checkpoint(tmp_path / "bf16", tmp_path / "emu2", "layerdrop", make_config("layerdrop", num_kept=2))
+    assert loaded == []

@@ -21,7 +21,7 @@ from .bundle import (
     write_bundle,
 )
 from .cards import model_card
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .methods import Emulator, build_emulator
 from .models import load_checkpoint  # noqa: F401  (re-exported: the Hugging Face checkpoint loader)
 from .signing import load_private_key
@@ -267,16 +267,37 @@ def compress_checkpoint(
     out_dir: str | Path,
     method: str = "layerdrop",
     config=None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "auto",
     base_name: str = "",
     overwrite: bool = False,
     sign_key=None,
 ) -> Path:
-    """Owner recipe: load the base checkpoint, build the emulator, write the (signed) emulator bundle."""
+    """Owner recipe: load the base checkpoint, build the emulator, write the (signed) emulator bundle.
+
+    `dtype="auto"` keeps the checkpoint's own dtype (a bf16 checkpoint gives a bf16 bundle of half
+    the float32 size). Everything cheap is checked before a weight is read: the output, the signing
+    key, the method and its parameters, the checkpoint's config and its tokenizer.
+    """
+    from .methods import get_method
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BundleError(f"output already exists, not overwriting: {out_dir}")
     sign_key = load_private_key(sign_key) if sign_key is not None else None  # fail before the heavy work
+    spec = get_method(method)
+    if config is not None and not isinstance(config, spec.config_class):
+        raise ConfigError(f"method {method!r} needs a {spec.config_class.__name__}, got {type(config).__name__}")
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {model_path}")
+    try:
+        AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"the checkpoint's tokenizer cannot be loaded ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+                          f"an emulator bundle ships it: {model_path}") from None
+    if dtype == "auto":
+        declared = getattr(AutoConfig.from_pretrained(model_path, local_files_only=True), "dtype", None)
+        dtype = declared if isinstance(declared, torch.dtype) and declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     model, tokenizer = load_checkpoint(model_path, dtype)
     emulator = build_emulator(model, method, config, tokenizer=tokenizer)
     return save_emulator(
