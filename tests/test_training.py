@@ -1,8 +1,10 @@
 """Data-owner training: resume, refusal to clobber, data-owner isolation from the base checkpoint."""
 
 import json
+import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +187,21 @@ def test_the_manifest_records_processes_effective_batch_and_all_tokens(emulator_
     metrics = json.loads((adapter / "manifest.json").read_text())["metrics"]
     assert metrics["num_processes"] == 1 and metrics["effective_batch"] == 4
     assert metrics["train_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_as_one_run(emulator_dir, examples, tmp_path):
+    """torchrun with 2 CPU processes (gloo): one distributed run, its manifest says so, one summary."""
+    import subprocess
+
+    data = tmp_path / "train.jsonl"
+    save_examples(examples, data)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "offsite.cli", "finetune", "--bundle", str(emulator_dir),
+                             "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("adapter bundle written") == 1
+    metrics = json.loads((tmp_path / "run" / "adapter" / "manifest.json").read_text())["metrics"]
+    assert metrics["num_processes"] == 2 and metrics["effective_batch"] == 4

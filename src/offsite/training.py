@@ -212,7 +212,11 @@ def train(
     """
     if not features:
         raise ConfigError("no training examples")
-    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum)
+    # Without a GPU, accelerate only treats torchrun / `accelerate launch` ranks as one multi-CPU (gloo) run
+    # when told cpu=True; otherwise every rank trains alone on its own copy.
+    on_cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum,
+                              cpu=on_cpu)
     set_seed(config.seed)
     params = trainable_parameters(model)
     if not params:
