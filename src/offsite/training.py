@@ -214,7 +214,8 @@ def train(
         raise ConfigError("no training examples")
     # Without a GPU, accelerate only treats torchrun / `accelerate launch` ranks as one multi-CPU (gloo) run
     # when told cpu=True; otherwise every rank trains alone on its own copy.
-    on_cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    on_cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+                  or torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum,
                               cpu=on_cpu)
     set_seed(config.seed)
