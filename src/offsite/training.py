@@ -238,7 +238,8 @@ def train(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, epoch, skip = 0, 0, 0
-    identity = run_identity(config, features, params)
+    # Only a run that writes or reads checkpoints needs its identity (hashing every trainable tensor costs).
+    identity = run_identity(config, features, params) if ckpt_dir and (resume or config.checkpoint_every) else None
     if resume and ckpt_dir and list_checkpoints(ckpt_dir):
         latest = list_checkpoints(ckpt_dir)[-1]
         if checkpoint_position(latest).get("run") != identity:
