@@ -429,6 +429,22 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return _check_header(header, size - 8 - n, where)
 
 
+def safetensors_layout(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+    """(data start, name -> (dtype, shape, begin, end)) of a safetensors file, validated as by
+    `safetensors_header`; begin/end are byte offsets into the file, for reading a tensor in pieces."""
+    size = os.lstat(path).st_size if path.exists() else None
+    if size is None:
+        raise BundleError(f"file missing: {path.name} in {path.parent}")
+    where = f"{path.name} in {path.parent}"
+    with os.fdopen(_open_nofollow(path), "rb") as f:
+        n = _header_length(f.read(8), size, where)
+        header = parse_json(f.read(n), path)
+    checked = _check_header(header, size - 8 - n, where)
+    start = 8 + n
+    return start, {name: (dtype, shape, start + header[name]["data_offsets"][0], start + header[name]["data_offsets"][1])
+                   for name, (dtype, shape) in checked.items()}
+
+
 def _header_length(prefix: bytes, size: int, where: str) -> int:
     if len(prefix) < 8:
         raise BundleError(f"{where} is not a safetensors file (truncated header)")

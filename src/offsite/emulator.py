@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .bundle import (
@@ -21,12 +23,16 @@ from .bundle import (
     write_bundle,
 )
 from .cards import model_card
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, UnsupportedModelError
 from .methods import Emulator, build_emulator
 from .models import load_checkpoint  # noqa: F401  (re-exported: the Hugging Face checkpoint loader)
+from .progress import bars_disabled
 from .signing import load_private_key
+from .streaming import DEFAULT_SHARD_BYTES, Fingerprint, ShardedWriter, StoredCheckpoint
 from .structure import structured_class
-from .surgery import BlockLayout, discover_layout
+from .surgery import BlockLayout, discover_layout, reduced_config
+
+log = logging.getLogger(__name__)
 
 
 def save_emulator(
@@ -40,25 +46,8 @@ def save_emulator(
 ) -> Path:
     """Write the emulator as an HF checkpoint + tokenizer + manifest (no weights of dropped blocks),
     signed with `sign_key` (a private key file or key) when given."""
-    layout = emulator.layout
-    manifest = {
-        "base": {
-            "fingerprint": base_fingerprint,
-            "name": base_name,
-            "model_type": layout.model_type,
-            "num_blocks": layout.num_blocks,
-            "dtype": str(emulator.model.dtype).removeprefix("torch."),
-            "layout": dataclasses.asdict(layout),
-        },
-        "method": {"name": emulator.method, "params": emulator.params},
-        "blocks": {
-            "map": emulator.block_map,
-            "adapter": emulator.adapter_blocks,
-            "trainable": emulator.trainable,
-        },
-    }
-    if emulator.structure:  # declared shape changes of middle modules (offsite.structure)
-        manifest["structure"] = emulator.structure
+    manifest = emulator_manifest(emulator.layout, emulator.model.dtype, emulator.method, emulator.params, emulator.block_map,
+                                 emulator.adapter_blocks, base_fingerprint, base_name, emulator.structure)
 
     def write(tmp: Path) -> None:
         emulator.model.save_pretrained(tmp)
@@ -66,6 +55,30 @@ def save_emulator(
         tokenizer.save_pretrained(tmp)
 
     return write_bundle(out_dir, "emulator", manifest, write, overwrite=overwrite, sign_key=sign_key)
+
+
+def emulator_manifest(layout: BlockLayout, dtype: torch.dtype, method: str, params: dict, block_map: list[int], adapter_blocks: list[int],
+                      base_fingerprint: str, base_name: str = "", structure: dict | None = None) -> dict:
+    """The emulator bundle's own manifest sections (what `load_emulator` and plug-in rely on)."""
+    manifest = {
+        "base": {
+            "fingerprint": base_fingerprint,
+            "name": base_name,
+            "model_type": layout.model_type,
+            "num_blocks": layout.num_blocks,
+            "dtype": str(dtype).removeprefix("torch."),
+            "layout": dataclasses.asdict(layout),
+        },
+        "method": {"name": method, "params": params},
+        "blocks": {
+            "map": block_map,
+            "adapter": adapter_blocks,
+            "trainable": [i for i, orig in enumerate(block_map) if orig in adapter_blocks],
+        },
+    }
+    if structure:  # declared shape changes of middle modules (offsite.structure)
+        manifest["structure"] = structure
+    return manifest
 
 
 @dataclass
@@ -271,12 +284,18 @@ def compress_checkpoint(
     base_name: str = "",
     overwrite: bool = False,
     sign_key=None,
+    stream: bool | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Owner recipe: load the base checkpoint, build the emulator, write the (signed) emulator bundle.
 
     `dtype="auto"` keeps the checkpoint's own dtype (a bf16 checkpoint gives a bf16 bundle of half
     the float32 size). Everything cheap is checked before a weight is read: the output, the signing
     key, the method and its parameters, the checkpoint's config and its tokenizer.
+
+    `stream` (default: for LayerDrop) never loads the model: tensors are read and written in
+    pieces (offsite.streaming), so peak memory stays far below the checkpoint's size. A
+    checkpoint transformers must convert on load falls back to loading it, unless stream=True.
     """
     from .methods import get_method
 
@@ -290,18 +309,103 @@ def compress_checkpoint(
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
         raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {model_path}")
+    explicit_stream = stream is True
     try:
-        AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BundleError(f"the checkpoint's tokenizer cannot be loaded ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
                           f"an emulator bundle ships it: {model_path}") from None
     if dtype == "auto":
         declared = getattr(AutoConfig.from_pretrained(model_path, local_files_only=True), "dtype", None)
         dtype = declared if isinstance(declared, torch.dtype) and declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    base_name = base_name or portable_name(model_path)
+    if stream is None:  # LayerDrop only selects tensors: stream it whenever the checkpoint allows
+        stream = method == "layerdrop"
+    if stream:
+        if method != "layerdrop":
+            raise ConfigError(f"method {method!r} computes with the model; only layerdrop compresses by streaming tensors")
+        try:
+            stored = StoredCheckpoint(model_path, dtype)
+        except UnsupportedModelError as e:
+            if explicit_stream:
+                raise
+            log.info("streaming is not possible (%s); loading the model instead", e)
+        else:
+            with stored:
+                return stream_layerdrop(stored, tokenizer, out_dir, config or spec.config_class(), base_name, overwrite, sign_key,
+                                        max_shard_bytes)
     model, tokenizer = load_checkpoint(model_path, dtype)
     emulator = build_emulator(model, method, config, tokenizer=tokenizer)
-    return save_emulator(
-        emulator, tokenizer, out_dir, model_fingerprint(model), base_name or portable_name(model_path), overwrite=overwrite, sign_key=sign_key
-    )
+    return save_emulator(emulator, tokenizer, out_dir, model_fingerprint(model), base_name, overwrite=overwrite, sign_key=sign_key)
+
+
+def stream_layerdrop(stored: StoredCheckpoint, tokenizer, out_dir: Path, config, base_name: str, overwrite: bool, sign_key,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """LayerDrop without the model in memory: one pass over the checkpoint's tensors in sorted order hashes
+    all of them (the base fingerprint) and copies the kept ones, renumbered, into new shards. The result
+    equals `build_emulator(model, "layerdrop", config)` saved, tensor for tensor."""
+    from .methods.layerdrop import select_middle
+
+    layout = stored.layout
+    adapter = config.adapter_blocks(layout.num_blocks)
+    block_map = adapter[: config.num_bottom] + select_middle(config, layout.num_blocks) + adapter[config.num_bottom:]
+    reduced = reduced_config(stored.config, block_map)
+    reduced.dtype = stored.dtype
+    new_index = {orig: new for new, orig in enumerate(block_map)}
+    file_layout = file_block_prefix(stored)
+
+    def output_name(name: str) -> str | None:
+        file_key = stored.source[name]
+        parsed = file_layout.parse_block_key(file_key)
+        if parsed is None:
+            return file_key
+        return file_layout.block_key(new_index[parsed[0]], parsed[1]) if parsed[0] in new_index else None
+
+    written = {name: output_name(name) for name in stored.primary_names()}
+    plan = [(out, stored.dtype_of(name), tuple(stored.state[name].shape)) for name, out in written.items() if out is not None]
+    manifest = emulator_manifest(layout, stored.dtype, "layerdrop", dataclasses.asdict(config), block_map, adapter, "", base_name)
+
+    def write(tmp: Path) -> None:
+        writer = ShardedWriter(tmp, plan, max_shard_bytes)
+        fingerprint = Fingerprint()
+        for name in tqdm(sorted(stored.source), desc="layerdrop (streamed)", unit="tensor", disable=bars_disabled()):
+            fingerprint.begin(name, stored.dtype_of(name), tuple(stored.state[name].shape))
+            out = written.get(name)
+            for chunk in stored.chunks(name):
+                fingerprint.update(chunk)
+                if out is not None:
+                    writer.write(out, chunk)
+        writer.close()
+        manifest["base"]["fingerprint"] = fingerprint.hexdigest()  # known only now; the manifest is written after this
+        reduced.save_pretrained(tmp)
+        generation = generation_config_of(stored.path)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card("emulator", manifest))
+        tokenizer.save_pretrained(tmp)
+
+    return write_bundle(out_dir, "emulator", manifest, write, overwrite=overwrite, sign_key=sign_key)
+
+
+def file_block_prefix(stored: StoredCheckpoint) -> BlockLayout:
+    """The layout as the checkpoint's file names spell it: the blocks' path with or without the base model
+    prefix (a GPT-2 or OPT checkpoint from the hub stores `h.0...` where the model has `transformer.h.0...`)."""
+    blocks = stored.layout.blocks
+    prefix = stored.model.base_model_prefix
+    for candidate in (blocks, blocks.removeprefix(prefix + ".") if prefix else blocks):
+        if any(key.startswith(candidate + ".") for key in stored.entries):
+            return dataclasses.replace(stored.layout, blocks=candidate)
+    raise UnsupportedModelError(f"{stored.layout.model_type}: the checkpoint stores no tensors under {blocks}")
+
+
+def generation_config_of(path: Path):
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 

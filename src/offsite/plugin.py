@@ -11,20 +11,26 @@ with a one-line error; the full model is only modified once every check has pass
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import PreTrainedModel
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedModel
 
 from .adapter import PEFT_PREFIX, AdapterBundle, load_adapter
 from .bundle import DTYPES, bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, write_bundle
 from .cards import model_card
-from .emulator import LoadedEmulator, check_blocks, load_checkpoint
-from .errors import BundleError, PluginError
+from .emulator import LoadedEmulator, check_blocks, generation_config_of, load_checkpoint
+from .errors import BundleError, ConfigError, PluginError, UnsupportedModelError
+from .progress import bars_disabled
 from .signing import load_private_key
+from .streaming import DEFAULT_SHARD_BYTES, Fingerprint, ShardedWriter, StoredCheckpoint, tensor_bytes
 from .surgery import BlockLayout, discover_layout, linear_module_names
+
+log = logging.getLogger(__name__)
 
 # Norm bound: an adapter tensor (full blocks), or a LoRA update (alpha/r) B A, may have a
 # Frobenius norm of at most MAX_NORM_RATIO x max(|W|, NORM_FLOOR_RMS x sqrt(numel(W))), where W
@@ -38,6 +44,20 @@ EmulatorRecord = str | Path | dict | LoadedEmulator | None
 
 
 def _check_identity(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, fingerprint: str | None) -> None:
+    _check_layout(layout, bundle)
+    _check_fingerprint(bundle, fingerprint or model_fingerprint(model))
+
+
+def _check_fingerprint(bundle: AdapterBundle, actual: str) -> None:
+    base = bundle.manifest["base"]
+    if actual != base["fingerprint"]:
+        raise PluginError(
+            f"adapter was trained for base model {base['fingerprint'][:12]!r}, this model is {actual[:12]} "
+            "(different weights or dtype)"
+        )
+
+
+def _check_layout(layout: BlockLayout, bundle: AdapterBundle) -> None:
     base = bundle.manifest["base"]
     if base.get("num_blocks") != layout.num_blocks or bundle.blocks_path != layout.blocks:
         raise PluginError(
@@ -46,12 +66,6 @@ def _check_identity(model: PreTrainedModel, layout: BlockLayout, bundle: Adapter
         )
     if any(not 0 <= i < layout.num_blocks for i in bundle.blocks) or not bundle.blocks:
         raise PluginError(f"adapter declares invalid block indices {bundle.blocks[:10]}")
-    actual = fingerprint or model_fingerprint(model)
-    if actual != base["fingerprint"]:
-        raise PluginError(
-            f"adapter was trained for base model {base['fingerprint'][:12]!r}, this model is {actual[:12]} "
-            "(different weights or dtype)"
-        )
 
 
 def issued_emulator(emulator: EmulatorRecord) -> dict:
@@ -151,21 +165,14 @@ def plug_into_emulator(
 
 def _apply(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, merge: bool, max_norm_ratio: float | None):
     if bundle.lora is None:
-        blocks = model.get_submodule(layout.blocks)
-        expected = {layout.block_key(i, name): p for i in bundle.blocks for name, p in blocks[i].named_parameters()}
-        _check_tensors(bundle.tensors, expected)
-        for key, value in bundle.tensors.items():
-            _check_norm(key, float(torch.linalg.vector_norm(value.float())), expected[key], max_norm_ratio)
-            if not torch.isfinite(value.to(expected[key].dtype)).all():  # e.g. float32 values past bfloat16's range
-                raise PluginError(f"adapter tensor {key} overflows the model's {expected[key].dtype} (infinite once stored)")
+        expected = full_block_parameters(model, layout, bundle)
+        check_full_blocks(bundle, expected, expected.__getitem__, max_norm_ratio)
         with torch.no_grad():
             for key, value in bundle.tensors.items():
                 expected[key].copy_(value)
         return model
 
-    _check_tensors(bundle.tensors, _lora_shapes(model, layout, bundle))
-    _check_lora_norms(model, bundle, max_norm_ratio)
-    _check_merged_finite(model, bundle)
+    check_lora(model, layout, bundle, lambda target: model.get_submodule(target).weight, max_norm_ratio)
     # Everything is checked; PEFT wraps the model in place, so any failure from here unwraps it again.
     peft_model = None
     try:
@@ -180,6 +187,41 @@ def _apply(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, m
         if isinstance(e, PluginError):
             raise
         raise PluginError(f"LoRA adapter could not be applied ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def full_block_parameters(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle) -> dict[str, torch.Tensor]:
+    """The parameters a full-block adapter replaces, by key (a meta-device model gives their shapes only)."""
+    blocks = model.get_submodule(layout.blocks)
+    return {layout.block_key(i, name): p for i in bundle.blocks for name, p in blocks[i].named_parameters()}
+
+
+def check_full_blocks(bundle: AdapterBundle, expected: dict[str, torch.Tensor], reference_of, max_norm_ratio: float | None) -> None:
+    """Every check a full-block adapter passes before it replaces anything: the allow-list and shapes
+    (`expected`, key -> tensor of the model's shape and dtype), finite values, the norm bound against
+    `reference_of(key)` (the weights it replaces) and finiteness in the model's dtype."""
+    _check_tensors(bundle.tensors, expected)
+    for key, value in bundle.tensors.items():
+        if max_norm_ratio is not None:
+            _check_norm(key, float(torch.linalg.vector_norm(value.float())), reference_of(key), max_norm_ratio)
+        if not torch.isfinite(value.to(expected[key].dtype)).all():  # e.g. float32 values past bfloat16's range
+            raise PluginError(f"adapter tensor {key} overflows the model's {expected[key].dtype} (infinite once stored)")
+
+
+def check_lora(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, weight_of, max_norm_ratio: float | None) -> None:
+    """Every check a LoRA adapter passes before it is merged: targets inside the adapter blocks, shapes
+    (from `model`, which may be on the meta device), the norm bound and a finite merge against
+    `weight_of(target)`, the target's real weight."""
+    _check_tensors(bundle.tensors, _lora_shapes(model, layout, bundle))
+    _check_lora_norms(weight_of, bundle, max_norm_ratio)
+    _check_merged_finite(weight_of, bundle)
+
+
+def lora_delta(bundle: AdapterBundle, target: str) -> torch.Tensor:
+    """(alpha/r) B A for one target in float32, as PEFT's merge computes it (transposed for Conv1D)."""
+    a = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_A.weight"].float()
+    b = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_B.weight"].float()
+    delta = b @ a
+    return (delta.T if bundle.lora.fan_in_fan_out else delta) * (bundle.lora.lora_alpha / bundle.lora.r)
 
 
 def _lora_shapes(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle) -> dict[str, torch.Tensor]:
@@ -204,20 +246,16 @@ def _lora_shapes(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBun
 
 
 @torch.no_grad()
-def _check_merged_finite(model: PreTrainedModel, bundle: AdapterBundle) -> None:
+def _check_merged_finite(weight_of, bundle: AdapterBundle) -> None:
     """W + (alpha/r) B A must be finite in the model's own dtype for every target, whatever the norm bound."""
-    scale = bundle.lora.lora_alpha / bundle.lora.r
     for target in bundle.lora.target_modules:
-        weight = model.get_submodule(target).weight
-        a = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_A.weight"].float()
-        b = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_B.weight"].float()
-        delta = scale * (b @ a)
-        merged = weight.float() + (delta.T if bundle.lora.fan_in_fan_out else delta)
+        weight = weight_of(target)
+        merged = weight.float() + lora_delta(bundle, target)
         if not torch.isfinite(merged.to(weight.dtype)).all():
             raise PluginError(f"LoRA update of {target[:100]} merges to infinite or NaN weights in {weight.dtype}")
 
 
-def _check_lora_norms(model: PreTrainedModel, bundle: AdapterBundle, ratio: float | None) -> None:
+def _check_lora_norms(weight_of, bundle: AdapterBundle, ratio: float | None) -> None:
     """|(alpha/r) B A|_F for every target, exactly and cheaply: |BA|_F^2 = sum((B^T B) * (A A^T))."""
     if ratio is None:
         return
@@ -226,7 +264,7 @@ def _check_lora_norms(model: PreTrainedModel, bundle: AdapterBundle, ratio: floa
         a = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_A.weight"].double()
         b = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_B.weight"].double()
         squared = float(torch.sum((b.T @ b) * (a @ a.T)))
-        _check_norm(f"{target} (LoRA update)", abs(scale) * math.sqrt(max(squared, 0.0)), model.get_submodule(target).weight, ratio)
+        _check_norm(f"{target} (LoRA update)", abs(scale) * math.sqrt(max(squared, 0.0)), weight_of(target), ratio)
 
 
 def plugin_checkpoint(
@@ -239,12 +277,17 @@ def plugin_checkpoint(
     trusted_key=None,
     sign_key=None,
     max_norm_ratio: float | None = MAX_NORM_RATIO,
+    stream: bool | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Load the base checkpoint, plug the adapter in, write the adapted model (or PEFT adapter) as a bundle.
 
     Every check that needs no model (signature, hashes, emulator record, output path, signing
-    key) runs before the base model is loaded.
+    key) runs before the base model is loaded. A merged plug-in streams by default (`stream`):
+    the base checkpoint is read tensor by tensor and written back with the adapter's blocks
+    replaced or its LoRA merged, never loaded whole (offsite.streaming).
     """
+    explicit_stream = stream is True
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BundleError(f"output already exists, not overwriting: {out_dir}")
@@ -253,18 +296,101 @@ def plugin_checkpoint(
     issued = issued_emulator(emulator) if emulator is not None else None
     if issued is not None:
         check_issued(bundle, issued)
-    model, tokenizer = load_checkpoint(base_path, parse_dtype(bundle.manifest["base"].get("dtype", "float32")))
-    plugged = plug_in(model, bundle, merge=merge, emulator=issued, max_norm_ratio=max_norm_ratio)
+    dtype = parse_dtype(bundle.manifest["base"].get("dtype", "float32"))
     manifest = {
         "base": bundle.manifest["base"],
         "adapter": {"fingerprint": bundle.fingerprint, "type": bundle.manifest["adapter"]["type"], "merged": merge},
     }
     if issued is not None:
         manifest["emulator"] = {"fingerprint": bundle_fingerprint(issued)}
+    streamable = merge and (bundle.lora is None or bundle.lora.bias == "none")
+    if stream is None:
+        stream = streamable
+    elif stream and not streamable:
+        raise ConfigError("only a merged plug-in of full blocks or of LoRA without bias terms streams; pass stream=False")
+    if stream:
+        base_path = Path(base_path)
+        if not (base_path / "config.json").is_file():
+            raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {base_path}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BundleError(f"the checkpoint's tokenizer cannot be loaded ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
+                              f"{base_path}") from None
+        try:
+            stored = StoredCheckpoint(base_path, dtype)
+        except UnsupportedModelError as e:
+            if explicit_stream:
+                raise
+            log.info("streaming is not possible (%s); loading the model instead", e)
+        else:
+            with stored:
+                return _stream_plugin(stored, bundle, tokenizer, out_dir, manifest, max_norm_ratio, overwrite, sign_key, max_shard_bytes)
+    model, tokenizer = load_checkpoint(base_path, dtype)
+    plugged = plug_in(model, bundle, merge=merge, emulator=issued, max_norm_ratio=max_norm_ratio)
 
     def write(tmp: Path) -> None:
         plugged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card("plugged", manifest))  # after PEFT's own card, which it replaces
+
+    return write_bundle(out_dir, "plugged", manifest, write, overwrite=overwrite, sign_key=sign_key)
+
+
+@torch.no_grad()
+def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, out_dir: Path, manifest: dict,
+                   max_norm_ratio: float | None, overwrite: bool, sign_key, max_shard_bytes: int) -> Path:
+    """The merged plug-in without the base model in memory. First every check that reads only the tensors
+    the adapter replaces (allow-list, shapes, norms, finite merges); then one pass over the checkpoint in
+    sorted order hashes every tensor (the base fingerprint, verified before the bundle is published)
+    and writes it back, replaced by the adapter's block tensor or merged with its LoRA update."""
+    layout = stored.layout
+    _check_layout(layout, bundle)
+    if bundle.lora is None:
+        check_full_blocks(bundle, full_block_parameters(stored.model, layout, bundle), stored.tensor, max_norm_ratio)
+        targets = {}
+    else:
+        check_lora(stored.model, layout, bundle, lambda target: stored.tensor(f"{target}.weight"), max_norm_ratio)
+        targets = {f"{target}.weight": target for target in bundle.lora.target_modules}
+    primary = set(stored.primary_names())
+    plan = [(stored.source[name], stored.dtype_of(name), tuple(stored.state[name].shape)) for name in stored.primary_names()]
+
+    def write(tmp: Path) -> None:
+        writer = ShardedWriter(tmp, plan, max_shard_bytes)
+        fingerprint = Fingerprint()
+        for name in tqdm(sorted(stored.source), desc="plug-in (streamed)", unit="tensor", disable=bars_disabled()):
+            dtype, shape = stored.dtype_of(name), tuple(stored.state[name].shape)
+            fingerprint.begin(name, dtype, shape)
+            out = stored.source[name] if name in primary else None
+            if name in bundle.tensors or name in targets:
+                data = bytearray()
+                for chunk in stored.chunks(name):
+                    fingerprint.update(chunk)
+                    data += chunk
+                if out is None:
+                    continue
+                if name in bundle.tensors:
+                    value = bundle.tensors[name].to(dtype)
+                else:  # W += (alpha/r) B A, in W's dtype, as PEFT's merge does
+                    value = torch.frombuffer(data, dtype=dtype).reshape(shape)
+                    value += lora_delta(bundle, targets[name])
+                    if not torch.isfinite(value).all():
+                        raise PluginError(f"LoRA update of {targets[name][:100]} merges to infinite or NaN weights in {dtype}")
+                writer.write(out, tensor_bytes(value))
+            else:
+                for chunk in stored.chunks(name):
+                    fingerprint.update(chunk)
+                    if out is not None:
+                        writer.write(out, chunk)
+        writer.close()
+        _check_fingerprint(bundle, fingerprint.hexdigest())  # raising here publishes nothing
+        config = stored.config
+        config.dtype = stored.dtype
+        config.save_pretrained(tmp)
+        generation = generation_config_of(stored.path)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card("plugged", manifest))
 
     return write_bundle(out_dir, "plugged", manifest, write, overwrite=overwrite, sign_key=sign_key)

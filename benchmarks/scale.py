@@ -1,0 +1,234 @@
+"""Owner-side work on a checkpoint of real size: peak memory and wall time of streamed LayerDrop compress
+and plug-in on a random-weight, Mistral-7B-shaped bf16 checkpoint, against one read of its files.
+
+    python benchmarks/scale.py                       # writes ~15 GB under runs/scale, measures, deletes it
+    python benchmarks/scale.py --keep                # keep the checkpoint for another run
+    python benchmarks/scale.py --layers 6            # a quick look (a 6-block model of the same width)
+    python benchmarks/scale.py --update-readme       # also rewrite the README's scale table
+
+The checkpoint is Llama-architecture with Mistral-7B's shape (hidden 4096, MLP 14336, 32 blocks, 32
+heads, 8 KV heads) and SmolLM2's tokenizer (vocabulary 49,152): 7.4B parameters, bf16, written in
+5 GB shards with transformers' index. Its weights are random (the figures are about bytes, not
+quality) and are written one tensor at a time, so writing it needs no memory either.
+
+Each stage runs in a fresh process that reports its peak resident set size (ru_maxrss, imports
+included) and its wall time; the page cache is dropped before each (when this process may: root on
+Linux), so every stage reads the files from disk as the first read does. Stages:
+- read once: every shard file read sequentially into a reusable buffer (the yardstick);
+- compress: `offsite compress --method layerdrop` 2-14-2 (streamed, the default for LayerDrop);
+- plug-in: the merged plug-in of a 2+2 full-block adapter, and of a LoRA adapter (r 16 on every
+  linear layer of the 2+2 blocks), both streamed (the default for a merged plug-in). The adapters are
+  what the data owner's code writes (`save_adapter` on the loaded emulator, weights perturbed in
+  place of training), made in a process that is not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from record import ROOT, update_readme
+
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+             rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def stage(name: str, args: argparse.Namespace) -> dict:
+    """Run one stage in a fresh process; its result plus peak RSS and wall time."""
+    cold = drop_page_cache()
+    out = subprocess.run([sys.executable, __file__, "--stage", name, "--dir", str(args.dir), "--layers", str(args.layers)],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"stage {name} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["cold_cache"] = cold
+    print(f"{name}: {result}", flush=True)
+    return result
+
+
+def run_stage(name: str, directory: Path, layers: int) -> dict:
+    import psutil
+    import torch  # noqa: F401  (imports are part of every real command's footprint, and are counted)
+
+    import offsite.emulator  # noqa: F401
+    import offsite.plugin  # noqa: F401
+
+    after_imports = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    detail = STAGES[name](directory, layers)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20), "rss_after_imports_mb": round(after_imports / 2**20), **detail}
+
+
+# ---------------------------------------------------------------- stages
+def write_checkpoint(directory: Path, layers: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from offsite.models import resolve_model
+    from offsite.streaming import ShardedWriter
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")[0], local_files_only=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=layers, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **SHAPE)
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = meta.state_dict()
+    path = directory / "base"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    plan = [(name, torch.bfloat16, tuple(t.shape)) for name, t in state.items()]
+    writer = ShardedWriter(path, plan)
+    generator = torch.Generator().manual_seed(0)
+    for name, t in state.items():
+        value = torch.randn(t.shape, generator=generator, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
+        if name.endswith("norm.weight"):
+            value.fill_(1.0)
+        writer.write(name, value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        del value
+    writer.close()
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return {"parameters": sum(t.numel() for t in state.values()), "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+
+
+def read_once(directory: Path, layers: int) -> dict:
+    buffer = bytearray(64 << 20)
+    view = memoryview(buffer)
+    total = 0
+    for file in sorted((directory / "base").glob("*.safetensors")):
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return {"bytes": total}
+
+
+def compress(directory: Path, layers: int) -> dict:
+    from offsite.emulator import compress_checkpoint
+    from offsite.methods import make_config
+
+    out = directory / "emulator"
+    kept = max(2, (layers - 4) // 2)
+    compress_checkpoint(directory / "base", out, "layerdrop", make_config("layerdrop", num_kept=kept), overwrite=out.exists())
+    return {"kept_middle": kept, "bytes_written": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+
+
+def make_adapters(directory: Path, layers: int) -> dict:
+    """The data owner's side, not measured: the trainable parts made as `offsite finetune` makes them,
+    perturbed in place of training, and saved as it saves them."""
+    import torch
+
+    from offsite.adapter import save_adapter
+    from offsite.emulator import load_emulator
+    from offsite.training import FinetuneConfig, make_trainable
+
+    generator = torch.Generator().manual_seed(1)
+    training = {"note": "benchmarks/scale.py: weights perturbed, not trained"}
+    for kind, config in (("full", FinetuneConfig()), ("lora", FinetuneConfig(lora=True, lora_r=16, lora_alpha=32.0))):
+        emulator = load_emulator(directory / "emulator")
+        model, lora = make_trainable(emulator, config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator).mul_(1e-3).to(p.dtype))
+        out = directory / f"adapter-{kind}"
+        save_adapter(model, emulator, out, training, lora=lora, overwrite=out.exists())
+        del model, emulator
+    return {}
+
+
+def plugin(kind: str):
+    def run(directory: Path, layers: int) -> dict:
+        from offsite.plugin import plugin_checkpoint
+
+        out = directory / f"plugged-{kind}"
+        plugin_checkpoint(directory / "base", directory / f"adapter-{kind}", out, overwrite=out.exists())
+        adapter_bytes = sum(f.stat().st_size for f in (directory / f"adapter-{kind}").rglob("*.safetensors"))
+        return {"bytes_written": sum(f.stat().st_size for f in out.glob("*.safetensors")), "adapter_bytes": adapter_bytes}
+
+    return run
+
+
+STAGES = {"write": write_checkpoint, "read": read_once, "compress": compress, "adapters": make_adapters,
+          "plugin-full": plugin("full"), "plugin-lora": plugin("lora")}
+
+
+# ---------------------------------------------------------------- the record
+def table(results: dict, args) -> str:
+    read = results["read"]["seconds"]
+    gb = results["write"]["bytes"] / 1e9
+    cold = "page cache dropped before each stage" if results["read"]["cold_cache"] else "page cache NOT dropped (not root): warm reads"
+    lines = [
+        f"Random-weight Llama checkpoint of Mistral-7B's shape, {args.layers} blocks, {results['write']['parameters'] / 1e9:.2f}B "
+        f"parameters, bf16, {gb:.1f} GB in 5 GB shards; this machine (2 cores, 24 GiB, {cold}). Peak RSS is the whole "
+        f"process (ru_maxrss; {results['read']['rss_after_imports_mb']:,} MB of it is Python, torch and transformers after imports).",
+        "",
+        "| stage | wall time (s) | × one read | peak RSS (MB) | written (GB) |",
+        "|---|---|---|---|---|",
+    ]
+    rows = [("read the checkpoint files once", "read"), (f"LayerDrop compress 2-{results['compress']['kept_middle']}-2 (streamed)", "compress"),
+            ("plug-in, 2+2 full blocks merged (streamed)", "plugin-full"), ("plug-in, LoRA r 16 merged (streamed)", "plugin-lora")]
+    for label, key in rows:
+        r = results[key]
+        written = f"{r['bytes_written'] / 1e9:.1f}" if "bytes_written" in r else "–"
+        lines.append(f"| {label} | {r['seconds']:.1f} | {r['seconds'] / read:.2f} | {r['peak_rss_mb']:,} | {written} |")
+    full = results["plugin-full"]
+    lines += ["", f"The full-block adapter is {full['adapter_bytes'] / 1e9:.2f} GB (bf16) and is held in memory whole while its "
+              "bytes are verified; the base model never is."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=ROOT / "runs" / "scale")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.layers < 6:
+        p.error("--layers must be at least 6 (2 + 2 adapter blocks and a middle of 2 or more)")
+    if args.stage:
+        print(json.dumps(run_stage(args.stage, args.dir, args.layers)))
+        return
+    args.dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    try:
+        for name in ("write", "read", "compress", "adapters", "plugin-full", "plugin-lora"):
+            results[name] = stage(name, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+    text = table(results, args)
+    out = ROOT / "benchmarks" / "results" / "scale"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"scale-{args.layers}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"table-{args.layers}.md").write_text(text + "\n")
+    print("\n" + text)
+    if args.update_readme and args.layers == 32:
+        update_readme("scale", text)
+
+
+if __name__ == "__main__":
+    main()
