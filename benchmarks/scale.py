@@ -165,7 +165,9 @@ def plugin(kind: str):
         out = directory / f"plugged-{kind}"
         plugin_checkpoint(directory / "base", directory / f"adapter-{kind}", out, overwrite=out.exists())
         adapter_bytes = sum(f.stat().st_size for f in (directory / f"adapter-{kind}").rglob("*.safetensors"))
-        return {"bytes_written": sum(f.stat().st_size for f in out.glob("*.safetensors")), "adapter_bytes": adapter_bytes}
+        written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        shutil.rmtree(out)  # after the clock stops: two plugged 7B copies need not share the disk
+        return {"bytes_written": written, "adapter_bytes": adapter_bytes}
 
     return run
 

@@ -1,6 +1,7 @@
 """#18: LayerDrop compress and merged plug-in stream tensors from safetensors, never building the model,
 and give exactly what the in-memory paths give, tensor for tensor, on every family and dtype."""
 
+import hashlib
 import json
 
 import pytest
@@ -168,6 +169,20 @@ def test_sharded_writer_refuses_out_of_plan_writes(tmp_path):
     with pytest.raises(RuntimeError, match="before every planned tensor"):
         writer.close()
     writer.write("c", bytes(range(6)))
-    assert writer.close() == ["model.safetensors"]
+    hashed = writer.close()
+    assert hashed == {"model.safetensors": hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()}
     loaded = load_file(tmp_path / "model.safetensors")
     assert loaded["b"].shape == (0,) and loaded["c"].dtype == torch.float16 and loaded["a"].tolist() == [0.0, 0.0]
+
+
+def test_read_ahead_gives_the_chunks_in_order_and_stops_cleanly(tmp_path):
+    save_base(tmp_path / "base")
+    with StoredCheckpoint(tmp_path / "base", torch.float32) as stored:
+        names = sorted(stored.source)
+        with stored.read_ahead(names, depth=1, chunk_bytes=512) as reader:
+            for name in names:
+                assert b"".join(reader.chunks(name)) == b"".join(stored.chunks(name))
+        with stored.read_ahead(names, depth=1, chunk_bytes=512) as reader:  # abandoned half-way: close() returns
+            next(iter(reader.chunks(names[0])))
+            with pytest.raises(RuntimeError, match="the next tensor is"):
+                next(iter(reader.chunks(names[5])))

@@ -205,3 +205,35 @@ def test_two_cpu_processes_train_as_one_run(emulator_dir, examples, tmp_path):
     assert result.stdout.count("adapter bundle written") == 1
     metrics = json.loads((tmp_path / "run" / "adapter" / "manifest.json").read_text())["metrics"]
     assert metrics["num_processes"] == 2 and metrics["effective_batch"] == 4
+
+
+def test_a_bf16_emulator_stays_bf16_under_mixed_precision_and_trains_float32_masters(tmp_path, examples):
+    """#18: with bf16 autocast the frozen emulator keeps its stored dtype (half the memory); the trainable
+    blocks are float32, and so is the adapter they save; without mixed precision (the CPU default) all is float32."""
+    from tiny import save_tiny_checkpoint
+
+    from offsite.adapter import load_adapter
+    from offsite.emulator import compress_checkpoint, load_checkpoint
+    from offsite.methods import make_config
+    from offsite.training import FinetuneConfig, finetune, frozen_dtype, make_trainable
+
+    save_tiny_checkpoint("llama", tmp_path / "fp32")
+    model, tokenizer = load_checkpoint(tmp_path / "fp32")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    emulator_dir = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    assert frozen_dtype(torch.bfloat16, "bf16") == torch.bfloat16 and frozen_dtype(torch.bfloat16, "no") == torch.float32
+
+    from offsite.emulator import load_emulator
+
+    emulator = load_emulator(emulator_dir, dtype=torch.bfloat16)
+    trainable, _ = make_trainable(emulator, FinetuneConfig())
+    dtypes = {p.requires_grad: {q.dtype for q in trainable.parameters() if q.requires_grad == p.requires_grad} for p in trainable.parameters()}
+    assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}}
+
+    config = FinetuneConfig(epochs=1, batch_size=4, max_length=24, mixed_precision="bf16")
+    adapter = finetune(emulator_dir, examples, tmp_path / "run", config, progress=False)
+    bundle = load_adapter(adapter)
+    assert {t.dtype for t in bundle.tensors.values()} == {torch.float32}
+    assert bundle.manifest["training"]["precision"] == "bf16"
+    assert all(torch.isfinite(t).all() for t in bundle.tensors.values())

@@ -97,8 +97,9 @@ def sha256_file(path: Path, sync: bool = False) -> str:
     return h.hexdigest()
 
 
-def read_member(path: Path, max_bytes: int, what: str) -> bytes:
-    """The bytes of one bundle file, refusing links and anything larger than `max_bytes` (checked first)."""
+def read_member(path: Path, max_bytes: int, what: str, writable: bool = False) -> bytes | bytearray:
+    """The bytes of one bundle file, refusing links and anything larger than `max_bytes` (checked first);
+    `writable` gives a private bytearray that tensors may view without a second copy."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -108,7 +109,11 @@ def read_member(path: Path, max_bytes: int, what: str) -> bytes:
     if st.st_size > max_bytes:
         raise BundleError(f"{what} is too large ({st.st_size} bytes, limit {max_bytes}): {path}")
     with os.fdopen(_open_nofollow(path), "rb") as f:
-        data = f.read(min(st.st_size, max_bytes) + 1)  # one byte more than expected: a file that grew is caught
+        if writable:
+            data = bytearray(min(st.st_size, max_bytes) + 1)  # one byte more than expected: a file that grew is caught
+            del data[f.readinto(data):]
+        else:
+            data = f.read(min(st.st_size, max_bytes) + 1)
     if len(data) > max_bytes:
         raise BundleError(f"{what} is too large (grew past the limit of {max_bytes} bytes while read): {path}")
     return data
@@ -201,9 +206,19 @@ def bundle_members(directory: Path, limits: Limits | None = None) -> dict[str, i
     return _walk(directory, limits)
 
 
-def _listed_files(directory: Path, sync: bool = False) -> dict[str, dict]:
-    """The manifest's file table for `directory`: SHA-256 and size of every file."""
-    return {rel: {"sha256": sha256_file(directory / rel, sync), "size": size} for rel, size in sorted(_walk(directory).items())}
+def _listed_files(directory: Path, sync: bool = False, hashed: dict[str, str] | None = None) -> dict[str, dict]:
+    """The manifest's file table for `directory`: SHA-256 and size of every file. `hashed` holds the
+    SHA-256 of files their writer hashed as it wrote them (a 10 GB shard is not read back)."""
+    hashed = hashed or {}
+    out = {}
+    for rel, size in sorted(_walk(directory).items()):
+        if rel in hashed:
+            if sync:
+                fsync_path(directory / rel)
+            out[rel] = {"sha256": hashed[rel], "size": size}
+        else:
+            out[rel] = {"sha256": sha256_file(directory / rel, sync), "size": size}
+    return out
 
 
 # ---------------------------------------------------------------- writing
@@ -211,12 +226,13 @@ def write_bundle(
     out_dir: str | Path,
     kind: str,
     manifest: dict,
-    write_files: Callable[[Path], None],
+    write_files: Callable[[Path], dict[str, str] | None],
     overwrite: bool = False,
     sign_key: signing.PrivateKeyLike | None = None,
 ) -> Path:
     """Create a bundle at `out_dir`: `write_files(tmp)` fills a temp dir, then hashes + manifest
-    (+ signature with `sign_key`), then fsync and rename.
+    (+ signature with `sign_key`), then fsync and rename. `write_files` may return the SHA-256 of
+    files it hashed while writing them ({relative path: hex digest}); those are not read again.
 
     An existing `out_dir` is refused unless `overwrite`; then it is replaced only once the new
     bundle is complete.
@@ -229,14 +245,14 @@ def write_bundle(
         raise BundleError(f"output already exists, not overwriting: {out_dir}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
-        write_files(tmp)
+        hashed = write_files(tmp)
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "kind": kind,
             "created_by": f"offsite {__version__}",
             **manifest,
-            "files": _listed_files(tmp, sync=True),
+            "files": _listed_files(tmp, sync=True, hashed=hashed),
         }
         data = (json.dumps(full, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
         write_synced(tmp / MANIFEST, data)
@@ -407,6 +423,11 @@ SAFETENSORS_DTYPES = {
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
 MAX_TENSOR_DIMS = 8
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
+    "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+}
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -459,24 +480,32 @@ def load_verified_safetensors(bundle_dir: Path, rel: str, manifest: dict, limits
 
     Hashing a file and then reopening it by path (or memory-mapping it) lets a concurrent writer
     swap the content in between; here the bytes that are hashed are the bytes that are parsed, and
-    the tensors are copies, so nothing written to the file later reaches them.
+    the tensors are views of that private buffer (never of the file), so nothing written to the file
+    later reaches them.
     """
     limits = limits or Limits.from_env()
     meta = manifest["files"].get(rel)
     if not isinstance(meta, dict):
         raise BundleError(f"bundle lacks {rel}: {bundle_dir}")
-    data = read_member(bundle_dir / rel, limits.max_file_bytes, rel)
+    data = read_member(bundle_dir / rel, limits.max_file_bytes, rel, writable=True)
     if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise BundleError(f"bundle file {rel} does not match its SHA-256 (corrupt, tampered or changed while read): {bundle_dir}")
     where = f"{rel} in {bundle_dir}"
-    n = _header_length(data[:8], len(data), where)
-    header = _check_header(parse_json(data[8 : 8 + n], where), len(data) - 8 - n, where)
-    from safetensors.torch import load as load_bytes
-
-    try:
-        tensors = load_bytes(data)
-    except Exception as e:  # noqa: BLE001 - the library's own view of a malformed file, as one line
-        raise BundleError(f"{where} is not a readable safetensors file ({str(e)[:200]})") from None
+    n = _header_length(bytes(data[:8]), len(data), where)
+    raw = parse_json(bytes(data[8 : 8 + n]), where)
+    header = _check_header(raw, len(data) - 8 - n, where)
+    # Views into this private buffer: one copy of the file in memory (a 2 GB adapter needs 2 GB, not 4).
+    tensors = {}
+    for name, (code, shape) in header.items():
+        begin, end = raw[name]["data_offsets"]
+        dtype = TORCH_DTYPES[code]
+        size = SAFETENSORS_DTYPES[code]
+        if end == begin:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif (8 + n + begin) % size:  # misaligned for its dtype: a copy of its own
+            tensors[name] = torch.frombuffer(bytearray(data[8 + n + begin : 8 + n + end]), dtype=dtype).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=(end - begin) // size, offset=8 + n + begin).reshape(shape)
     return tensors, header
 
 

@@ -368,14 +368,16 @@ def stream_layerdrop(stored: StoredCheckpoint, tokenizer, out_dir: Path, config,
     def write(tmp: Path) -> None:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
         fingerprint = Fingerprint()
-        for name in tqdm(sorted(stored.source), desc="layerdrop (streamed)", unit="tensor", disable=bars_disabled()):
-            fingerprint.begin(name, stored.dtype_of(name), tuple(stored.state[name].shape))
-            out = written.get(name)
-            for chunk in stored.chunks(name):
-                fingerprint.update(chunk)
-                if out is not None:
-                    writer.write(out, chunk)
-        writer.close()
+        names = sorted(stored.source)
+        with stored.read_ahead(names) as reader:
+            for name in tqdm(names, desc="layerdrop (streamed)", unit="tensor", disable=bars_disabled()):
+                fingerprint.begin(name, stored.dtype_of(name), tuple(stored.state[name].shape))
+                out = written.get(name)
+                for chunk in reader.chunks(name):
+                    fingerprint.update(chunk)
+                    if out is not None:
+                        writer.write(out, chunk)
+        hashed = writer.close()
         manifest["base"]["fingerprint"] = fingerprint.hexdigest()  # known only now; the manifest is written after this
         reduced.save_pretrained(tmp)
         generation = generation_config_of(stored.path)
@@ -383,6 +385,7 @@ def stream_layerdrop(stored: StoredCheckpoint, tokenizer, out_dir: Path, config,
             generation.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card("emulator", manifest))
         tokenizer.save_pretrained(tmp)
+        return hashed
 
     return write_bundle(out_dir, "emulator", manifest, write, overwrite=overwrite, sign_key=sign_key)
 

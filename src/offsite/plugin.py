@@ -212,8 +212,10 @@ def check_lora(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundl
     (from `model`, which may be on the meta device), the norm bound and a finite merge against
     `weight_of(target)`, the target's real weight."""
     _check_tensors(bundle.tensors, _lora_shapes(model, layout, bundle))
-    _check_lora_norms(weight_of, bundle, max_norm_ratio)
-    _check_merged_finite(weight_of, bundle)
+    for target in bundle.lora.target_modules:  # each weight fetched once (a streamed plug-in reads it from disk)
+        weight = weight_of(target)
+        _check_lora_norm(bundle, target, weight, max_norm_ratio)
+        _check_merged_finite(bundle, target, weight)
 
 
 def lora_delta(bundle: AdapterBundle, target: str) -> torch.Tensor:
@@ -246,25 +248,22 @@ def _lora_shapes(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBun
 
 
 @torch.no_grad()
-def _check_merged_finite(weight_of, bundle: AdapterBundle) -> None:
-    """W + (alpha/r) B A must be finite in the model's own dtype for every target, whatever the norm bound."""
-    for target in bundle.lora.target_modules:
-        weight = weight_of(target)
-        merged = weight.float() + lora_delta(bundle, target)
-        if not torch.isfinite(merged.to(weight.dtype)).all():
-            raise PluginError(f"LoRA update of {target[:100]} merges to infinite or NaN weights in {weight.dtype}")
+def _check_merged_finite(bundle: AdapterBundle, target: str, weight: torch.Tensor) -> None:
+    """W + (alpha/r) B A must be finite in the model's own dtype, whatever the norm bound."""
+    merged = weight.float() + lora_delta(bundle, target)
+    if not torch.isfinite(merged.to(weight.dtype)).all():
+        raise PluginError(f"LoRA update of {target[:100]} merges to infinite or NaN weights in {weight.dtype}")
 
 
-def _check_lora_norms(weight_of, bundle: AdapterBundle, ratio: float | None) -> None:
-    """|(alpha/r) B A|_F for every target, exactly and cheaply: |BA|_F^2 = sum((B^T B) * (A A^T))."""
+def _check_lora_norm(bundle: AdapterBundle, target: str, weight: torch.Tensor, ratio: float | None) -> None:
+    """|(alpha/r) B A|_F, exactly and cheaply: |BA|_F^2 = sum((B^T B) * (A A^T))."""
     if ratio is None:
         return
     scale = bundle.lora.lora_alpha / bundle.lora.r
-    for target in bundle.lora.target_modules:
-        a = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_A.weight"].double()
-        b = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_B.weight"].double()
-        squared = float(torch.sum((b.T @ b) * (a @ a.T)))
-        _check_norm(f"{target} (LoRA update)", abs(scale) * math.sqrt(max(squared, 0.0)), weight_of(target), ratio)
+    a = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_A.weight"].double()
+    b = bundle.tensors[f"{PEFT_PREFIX}{target}.lora_B.weight"].double()
+    squared = float(torch.sum((b.T @ b) * (a @ a.T)))
+    _check_norm(f"{target} (LoRA update)", abs(scale) * math.sqrt(max(squared, 0.0)), weight, ratio)
 
 
 def plugin_checkpoint(
@@ -358,31 +357,33 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
     def write(tmp: Path) -> None:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
         fingerprint = Fingerprint()
-        for name in tqdm(sorted(stored.source), desc="plug-in (streamed)", unit="tensor", disable=bars_disabled()):
-            dtype, shape = stored.dtype_of(name), tuple(stored.state[name].shape)
-            fingerprint.begin(name, dtype, shape)
-            out = stored.source[name] if name in primary else None
-            if name in bundle.tensors or name in targets:
-                data = bytearray()
-                for chunk in stored.chunks(name):
-                    fingerprint.update(chunk)
-                    data += chunk
-                if out is None:
-                    continue
-                if name in bundle.tensors:
-                    value = bundle.tensors[name].to(dtype)
-                else:  # W += (alpha/r) B A, in W's dtype, as PEFT's merge does
-                    value = torch.frombuffer(data, dtype=dtype).reshape(shape)
-                    value += lora_delta(bundle, targets[name])
-                    if not torch.isfinite(value).all():
-                        raise PluginError(f"LoRA update of {targets[name][:100]} merges to infinite or NaN weights in {dtype}")
-                writer.write(out, tensor_bytes(value))
-            else:
-                for chunk in stored.chunks(name):
-                    fingerprint.update(chunk)
-                    if out is not None:
-                        writer.write(out, chunk)
-        writer.close()
+        names = sorted(stored.source)
+        with stored.read_ahead(names) as reader:
+            for name in tqdm(names, desc="plug-in (streamed)", unit="tensor", disable=bars_disabled()):
+                dtype, shape = stored.dtype_of(name), tuple(stored.state[name].shape)
+                fingerprint.begin(name, dtype, shape)
+                out = stored.source[name] if name in primary else None
+                if name in bundle.tensors or name in targets:
+                    data = bytearray()
+                    for chunk in reader.chunks(name):
+                        fingerprint.update(chunk)
+                        data += chunk
+                    if out is None:
+                        continue
+                    if name in bundle.tensors:
+                        value = bundle.tensors[name].to(dtype)
+                    else:  # W += (alpha/r) B A, in W's dtype, as PEFT's merge does
+                        value = torch.frombuffer(data, dtype=dtype).reshape(shape)
+                        value += lora_delta(bundle, targets[name])
+                        if not torch.isfinite(value).all():
+                            raise PluginError(f"LoRA update of {targets[name][:100]} merges to infinite or NaN weights in {dtype}")
+                    writer.write(out, tensor_bytes(value))
+                else:
+                    for chunk in reader.chunks(name):
+                        fingerprint.update(chunk)
+                        if out is not None:
+                            writer.write(out, chunk)
+        hashed = writer.close()
         _check_fingerprint(bundle, fingerprint.hexdigest())  # raising here publishes nothing
         config = stored.config
         config.dtype = stored.dtype
@@ -392,5 +393,6 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
             generation.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card("plugged", manifest))
+        return hashed
 
     return write_bundle(out_dir, "plugged", manifest, write, overwrite=overwrite, sign_key=sign_key)

@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .bundle import safetensors_layout
+from .bundle import TORCH_DTYPES, safetensors_layout
 from .errors import BundleError, UnsupportedModelError
 from .surgery import BlockLayout, discover_layout
 
@@ -31,10 +33,6 @@ DEFAULT_SHARD_BYTES = 5 << 30  # the hub's customary shard size
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
 SAFETENSORS_CODES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -166,6 +164,11 @@ class StoredCheckpoint:
                 data = tensor_bytes(torch.frombuffer(bytearray(data), dtype=stored.dtype).to(target))
             yield data
 
+    def read_ahead(self, names: list[str], depth: int = 3, chunk_bytes: int = CHUNK_BYTES) -> "ReadAhead":
+        """The chunks of `names`, in that order, read by a thread `depth` chunks ahead of the caller, so the
+        disk reads overlap the caller's hashing and writing (both release the GIL)."""
+        return ReadAhead(self, names, depth, chunk_bytes)
+
     def tensor(self, name: str) -> torch.Tensor:
         """State-dict tensor `name`, read whole (for the few tensors a caller must compute with)."""
         data = bytearray().join(self.chunks(name))
@@ -180,6 +183,62 @@ class StoredCheckpoint:
         self._fds.clear()
 
     def __enter__(self) -> "StoredCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ReadAhead:
+    """See `StoredCheckpoint.read_ahead`; `chunks(name)` must be asked for the names in order."""
+
+    _END = object()
+
+    def __init__(self, stored: StoredCheckpoint, names: list[str], depth: int, chunk_bytes: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._names = list(names)
+        self._next = 0
+        self._thread = threading.Thread(target=self._produce, args=(stored, chunk_bytes), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, stored: StoredCheckpoint, chunk_bytes: int) -> None:
+        try:
+            for name in self._names:
+                for chunk in stored.chunks(name, chunk_bytes):
+                    if not self._put(chunk):
+                        return
+                if not self._put(self._END):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, raised there
+            self._put(e)
+
+    def chunks(self, name: str) -> Iterator[bytes]:
+        if self._next >= len(self._names) or self._names[self._next] != name:
+            raise RuntimeError(f"ReadAhead: asked for {name}, the next tensor is {self._names[self._next:self._next + 1]}")
+        self._next += 1
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> "ReadAhead":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -230,6 +289,7 @@ class ShardedWriter:
         self._position = 0  # index into the queue of the tensor being written
         self._handle = None
         self._open_file = None
+        self._hashes: dict[str, "hashlib._Hash"] = {}
         self._skip_empty()
 
     def _skip_empty(self) -> None:
@@ -250,6 +310,7 @@ class ShardedWriter:
         if self._open_file != file:
             self._switch(file)
         self._handle.write(data)
+        self._hashes[file].update(data)
         self._left -= len(data)
         if self._left == 0:
             self._position += 1
@@ -260,10 +321,12 @@ class ShardedWriter:
             self._handle.close()
         self._handle = open(self.out_dir / file, "wb")
         self._handle.write(self._headers[file])
+        self._hashes[file] = hashlib.sha256(self._headers[file])
         self._open_file = file
 
-    def close(self) -> list[str]:
-        """Finish the last shard and write the index; the files written, relative to out_dir."""
+    def close(self) -> dict[str, str]:
+        """Finish the last shard and write the index; the SHA-256 of each shard written, by file name
+        (what `bundle.write_bundle` takes, so the shards are not read back to be hashed)."""
         if self._position < len(self._queue):
             raise RuntimeError("ShardedWriter closed before every planned tensor was written")
         for file in self.files:  # shards of zero-size tensors only are never opened by write()
@@ -275,8 +338,7 @@ class ShardedWriter:
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            return [*self.files, INDEX_FILE]
-        return list(self.files)
+        return {file: h.hexdigest() for file, h in self._hashes.items()}
 
 
 def _header(shard: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> bytes:

@@ -82,13 +82,35 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def frozen_dtype(stored: torch.dtype, precision: str) -> torch.dtype:
+    """The dtype the frozen emulator weights are held in while the adapter trains.
+
+    With mixed precision (bf16/fp16 autocast, the default on GPUs that support bf16) they stay in
+    the bundle's own dtype: a bf16 emulator of a 7B model needs half the memory float32 would.
+    Without it (the CPU default) every weight is float32, since a bf16 weight can only meet the
+    float32 activations of the trainable blocks inside autocast. The trainable tensors are always
+    float32 (`make_trainable`), so updates are never rounded to bf16.
+    """
+    return stored if precision in ("bf16", "fp16") else torch.float32
+
+
+def load_emulator_dtype(bundle_dir) -> torch.dtype:
+    """The dtype an emulator bundle's weights are stored in, from its manifest alone (`load_emulator`
+    verifies the whole bundle right after; a manifest that lies fails there)."""
+    from .bundle import parse_dtype, read_manifest
+
+    return parse_dtype(read_manifest(Path(bundle_dir), kind="emulator", verify=False, trusted_key=False)["base"].get("dtype", "float32"))
+
+
 def make_trainable(emulator: LoadedEmulator, config: FinetuneConfig):
     """Freeze everything but the adapter blocks (or LoRA on them). Returns (model, LoRA settings or None)."""
     model = emulator.model
     model.requires_grad_(False)
     if not config.lora:
         for i in emulator.trainable:
-            get_blocks(model, emulator.layout)[i].requires_grad_(True)
+            block = get_blocks(model, emulator.layout)[i]
+            block.float()  # float32 master weights, whatever the frozen rest is held in
+            block.requires_grad_(True)
         return model, None
     targets = linear_module_names(model, emulator.layout, emulator.trainable)
     conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
@@ -147,7 +169,8 @@ def finetune(
         clear_checkpoints(ckpt_dir)  # starting over: the old run's checkpoints must never be resumed
 
     set_seed(config.seed)
-    emulator = load_emulator(bundle_dir, dtype=torch.float32, trusted_key=trusted_key)
+    stored = load_emulator_dtype(bundle_dir)
+    emulator = load_emulator(bundle_dir, dtype=frozen_dtype(stored, resolve_precision(config.mixed_precision)), trusted_key=trusted_key)
     model, lora = make_trainable(emulator, config)
     features = tokenize_examples(emulator.tokenizer, examples, config.max_length)
     run = train(model, features, pad_token_id(emulator.tokenizer), config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
@@ -216,8 +239,15 @@ def train(
     # when told cpu=True; otherwise every rank trains alone on its own copy.
     on_cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
                   or torch.backends.mps.is_available())
-    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum,
-                              cpu=on_cpu)
+    precision = resolve_precision(config.mixed_precision)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; a
+    # library (or the owner service) trains many runs in one process, so that state is renewed per run.
+    # The distributed part (PartialState: ranks, process group) is kept.
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum, cpu=on_cpu)
     set_seed(config.seed)
     params = trainable_parameters(model)
     if not params:
