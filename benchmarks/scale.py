@@ -15,7 +15,11 @@ Each stage runs in a fresh process that reports its peak resident set size (ru_m
 included) and its wall time; the page cache is dropped before each (when this process may: root on
 Linux), so every stage reads the files from disk as the first read does. Stages:
 - read once: every shard file read sequentially into a reusable buffer (the yardstick);
+- copy once: every shard read and written to a new file, then fsynced (what a plug-in, which
+  rewrites the whole model, cannot beat);
 - compress: `offsite compress --method layerdrop` 2-14-2 (streamed, the default for LayerDrop);
+- GradOT: its support pass, scores and selection on the 2-14-2 blocks LayerDrop keeps, which are all
+  it loads (one tensor at a time from the checkpoint), K-FAC statistics one middle block per pass;
 - plug-in: the merged plug-in of a 2+2 full-block adapter, and of a LoRA adapter (r 16 on every
   linear layer of the 2+2 blocks), both streamed (the default for a merged plug-in). The adapters are
   what the data owner's code writes (`save_adapter` on the loaded emulator, weights perturbed in
@@ -124,6 +128,24 @@ def read_once(directory: Path, layers: int) -> dict:
     return {"bytes": total}
 
 
+def copy_once(directory: Path, layers: int) -> dict:
+    """The files read and written once, as `cp` does and then synced: what a plug-in, which rewrites the
+    whole model, cannot beat."""
+    out = directory / "copy"
+    out.mkdir(exist_ok=True)
+    buffer = bytearray(64 << 20)
+    view = memoryview(buffer)
+    total = 0
+    for file in sorted((directory / "base").glob("*.safetensors")):
+        with open(file, "rb", buffering=0) as src, open(out / file.name, "wb", buffering=0) as dst:
+            while n := src.readinto(view):
+                dst.write(view[:n])
+                total += n
+            os.fsync(dst.fileno())
+    shutil.rmtree(out)
+    return {"bytes": total}
+
+
 def compress(directory: Path, layers: int) -> dict:
     from offsite.emulator import compress_checkpoint
     from offsite.methods import make_config
@@ -132,6 +154,26 @@ def compress(directory: Path, layers: int) -> dict:
     kept = max(2, (layers - 4) // 2)
     compress_checkpoint(directory / "base", out, "layerdrop", make_config("layerdrop", num_kept=kept), overwrite=out.exists())
     return {"kept_middle": kept, "bytes_written": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+
+
+def gradot(directory: Path, layers: int) -> dict:
+    """GradOT on the blocks LayerDrop keeps (2-14-2 of 32), loaded from the checkpoint tensor by tensor, one
+    middle block's K-FAC statistics per support pass; a small support set (the figures are memory and time)."""
+    from offsite.emulator import compress_checkpoint
+    from offsite.methods import make_config
+
+    out = directory / "emulator-gradot"
+    kept = max(2, (layers - 4) // 2)
+    middle = layers - 4
+    config = make_config("gradot", num_kept=kept, target_fraction=round(0.8 * kept / middle, 4), support_size=GRADOT_SUPPORT[0],
+                         support_max_length=GRADOT_SUPPORT[1], support_batch_size=GRADOT_SUPPORT[0], blocks_per_pass=1)
+    compress_checkpoint(directory / "base", out, "gradot", config, overwrite=out.exists())
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    shutil.rmtree(out)
+    return {"kept_middle": kept, "target_fraction": config.target_fraction, "support": list(GRADOT_SUPPORT), "bytes_written": written}
+
+
+GRADOT_SUPPORT = (4, 64)  # sequences, tokens each
 
 
 def make_adapters(directory: Path, layers: int) -> dict:
@@ -173,7 +215,9 @@ def plugin(kind: str):
 
 
 STAGES = {"write": write_checkpoint, "read": read_once, "compress": compress, "adapters": make_adapters,
-          "plugin-full": plugin("full"), "plugin-lora": plugin("lora")}
+          "plugin-full": plugin("full"), "plugin-lora": plugin("lora"), "gradot": gradot,
+          "copy": copy_once}
+ORDER = ["write", "read", "copy", "compress", "adapters", "plugin-full", "plugin-lora", "gradot"]
 
 
 # ---------------------------------------------------------------- the record
@@ -189,15 +233,22 @@ def table(results: dict, args) -> str:
         "| stage | wall time (s) | × one read | peak RSS (MB) | written (GB) |",
         "|---|---|---|---|---|",
     ]
-    rows = [("read the checkpoint files once", "read"), (f"LayerDrop compress 2-{results['compress']['kept_middle']}-2 (streamed)", "compress"),
+    rows = [("read the checkpoint files once", "read"), ("copy the checkpoint files once (read, write, fsync)", "copy"), (f"LayerDrop compress 2-{results['compress']['kept_middle']}-2 (streamed)", "compress"),
             ("plug-in, 2+2 full blocks merged (streamed)", "plugin-full"), ("plug-in, LoRA r 16 merged (streamed)", "plugin-lora")]
+    if "gradot" in results:
+        g = results["gradot"]
+        rows.append((f"GradOT on the kept 2-{g['kept_middle']}-2 blocks, middle to {100 * g['target_fraction']:.0f}% "
+                     f"(support {g['support'][0]} x {g['support'][1]} tokens, 1 block per pass)", "gradot"))
     for label, key in rows:
+        if key not in results:
+            continue
         r = results[key]
-        written = f"{r['bytes_written'] / 1e9:.1f}" if "bytes_written" in r else "–"
+        written = f"{r['bytes_written'] / 1e9:.1f}" if "bytes_written" in r else f"{r['bytes'] / 1e9:.1f}" if key == "copy" else "–"
         lines.append(f"| {label} | {r['seconds']:.1f} | {r['seconds'] / read:.2f} | {r['peak_rss_mb']:,} | {written} |")
-    full = results["plugin-full"]
-    lines += ["", f"The full-block adapter is {full['adapter_bytes'] / 1e9:.2f} GB (bf16) and is held in memory whole while its "
-              "bytes are verified; the base model never is."]
+    if "plugin-full" in results:
+        full = results["plugin-full"]
+        lines += ["", f"The full-block adapter is {full['adapter_bytes'] / 1e9:.2f} GB (bf16) and is held in memory whole while "
+                  "its bytes are verified; the base model never is."]
     return "\n".join(lines)
 
 
@@ -206,6 +257,7 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=ROOT / "runs" / "scale")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    p.add_argument("--skip", nargs="*", default=[], choices=ORDER[1:], help="stages to leave out (e.g. gradot: ~1 h on 2 cores)")
     p.add_argument("--update-readme", action="store_true")
     p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -216,16 +268,19 @@ def main() -> None:
         return
     args.dir.mkdir(parents=True, exist_ok=True)
     results = {}
+    out = ROOT / "benchmarks" / "results" / "scale"
+    out.mkdir(parents=True, exist_ok=True)
+    out_json = out / f"scale-{args.layers}.json"
     try:
-        for name in ("write", "read", "compress", "adapters", "plugin-full", "plugin-lora"):
+        for name in ORDER:
+            if name in args.skip:
+                continue
             results[name] = stage(name, args)
+            out_json.write_text(json.dumps(results, indent=1) + "\n")  # what is measured survives a later failure
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
     text = table(results, args)
-    out = ROOT / "benchmarks" / "results" / "scale"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"scale-{args.layers}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"table-{args.layers}.md").write_text(text + "\n")
     print("\n" + text)
     if args.update_readme and args.layers == 32:

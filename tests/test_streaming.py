@@ -186,3 +186,43 @@ def test_read_ahead_gives_the_chunks_in_order_and_stops_cleanly(tmp_path):
             next(iter(reader.chunks(names[0])))
             with pytest.raises(RuntimeError, match="the next tensor is"):
                 next(iter(reader.chunks(names[5])))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_load_blocks_equals_build_reduced_model(family, tmp_path):
+    from offsite.surgery import build_reduced_model, discover_layout
+
+    model = save_base(tmp_path / "base", family, torch.bfloat16)
+    kept = [0, 1, 3, 6, 7]
+    expected = build_reduced_model(model, discover_layout(model), kept).state_dict()
+    with StoredCheckpoint(tmp_path / "base", torch.bfloat16) as stored:
+        got = stored.load_blocks(kept).state_dict()
+        assert stored.fingerprint() == model_fingerprint(model)
+    assert got.keys() == expected.keys() and all(got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]) for k in got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_gradot_on_the_kept_blocks_only_equals_the_in_memory_emulator(family, dtype, tmp_path, monkeypatch):
+    """#18: GradOT's support pass and selection run on the blocks LayerDrop keeps, loaded from the checkpoint
+    one tensor at a time; the whole model is never built, and the emulator is the same."""
+    save_base(tmp_path / "base", family, dtype)
+    config = make_config("gradot", num_kept=3, target_fraction=0.5, support_size=8, support_max_length=32)
+    reference = compress_checkpoint(tmp_path / "base", tmp_path / "mem", "gradot", config, stream=False)
+    with monkeypatch.context() as m:
+        no_model_loads(m)
+        streamed = compress_checkpoint(tmp_path / "base", tmp_path / "str", "gradot", config)
+    a, b = load_emulator(reference), load_emulator(streamed)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for section in ("base", "blocks", "method", "structure"):
+        assert a.manifest[section] == b.manifest[section]
+
+
+def test_methods_that_need_the_whole_model_refuse_stream_true(tmp_path):
+    from offsite.errors import ConfigError
+
+    save_base(tmp_path / "base")
+    with pytest.raises(ConfigError, match="needs the whole model"):
+        compress_checkpoint(tmp_path / "base", tmp_path / "emu", "crash", make_config("crash", num_clusters=2), stream=True)
+    assert not (tmp_path / "emu").exists()

@@ -209,7 +209,8 @@ def test_two_cpu_processes_train_as_one_run(emulator_dir, examples, tmp_path):
 
 def test_a_bf16_emulator_stays_bf16_under_mixed_precision_and_trains_float32_masters(tmp_path, examples):
     """#18: with bf16 autocast the frozen emulator keeps its stored dtype (half the memory); the trainable
-    blocks are float32, and so is the adapter they save; without mixed precision (the CPU default) all is float32."""
+    blocks are float32 master weights, and the adapter travels in the base's bf16 (what plug-in stores);
+    without mixed precision (the CPU default) everything is float32."""
     from tiny import save_tiny_checkpoint
 
     from offsite.adapter import load_adapter
@@ -234,6 +235,6 @@ def test_a_bf16_emulator_stays_bf16_under_mixed_precision_and_trains_float32_mas
     config = FinetuneConfig(epochs=1, batch_size=4, max_length=24, mixed_precision="bf16")
     adapter = finetune(emulator_dir, examples, tmp_path / "run", config, progress=False)
     bundle = load_adapter(adapter)
-    assert {t.dtype for t in bundle.tensors.values()} == {torch.float32}
-    assert bundle.manifest["training"]["precision"] == "bf16"
+    assert {t.dtype for t in bundle.tensors.values()} == {torch.bfloat16}
+    assert bundle.manifest["adapter"]["dtypes"] == ["bfloat16"] and bundle.manifest["training"]["precision"] == "bf16"
     assert all(torch.isfinite(t).all() for t in bundle.tensors.values())

@@ -28,11 +28,13 @@ from .methods import Emulator, build_emulator
 from .models import load_checkpoint  # noqa: F401  (re-exported: the Hugging Face checkpoint loader)
 from .progress import bars_disabled
 from .signing import load_private_key
-from .streaming import DEFAULT_SHARD_BYTES, Fingerprint, ShardedWriter, StoredCheckpoint
+from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, generation_config_of
 from .structure import structured_class
 from .surgery import BlockLayout, discover_layout, reduced_config
 
 log = logging.getLogger(__name__)
+# Methods compress_checkpoint runs without the whole model in memory (offsite.streaming).
+STREAMED_METHODS = frozenset({"layerdrop", "gradot"})
 
 
 def save_emulator(
@@ -319,11 +321,12 @@ def compress_checkpoint(
         declared = getattr(AutoConfig.from_pretrained(model_path, local_files_only=True), "dtype", None)
         dtype = declared if isinstance(declared, torch.dtype) and declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     base_name = base_name or portable_name(model_path)
-    if stream is None:  # LayerDrop only selects tensors: stream it whenever the checkpoint allows
-        stream = method == "layerdrop"
+    config = config or spec.config_class()
+    if stream is None:  # LayerDrop only selects tensors, GradOT computes on the blocks it keeps: neither needs the whole model
+        stream = method in STREAMED_METHODS
     if stream:
-        if method != "layerdrop":
-            raise ConfigError(f"method {method!r} computes with the model; only layerdrop compresses by streaming tensors")
+        if method not in STREAMED_METHODS:
+            raise ConfigError(f"method {method!r} needs the whole model; only {sorted(STREAMED_METHODS)} compress without loading it")
         try:
             stored = StoredCheckpoint(model_path, dtype)
         except UnsupportedModelError as e:
@@ -332,8 +335,14 @@ def compress_checkpoint(
             log.info("streaming is not possible (%s); loading the model instead", e)
         else:
             with stored:
-                return stream_layerdrop(stored, tokenizer, out_dir, config or spec.config_class(), base_name, overwrite, sign_key,
-                                        max_shard_bytes)
+                if method == "layerdrop":
+                    return stream_layerdrop(stored, tokenizer, out_dir, config, base_name, overwrite, sign_key, max_shard_bytes)
+                # The kept blocks only, tensor by tensor; the fingerprint from one streamed read of all of them.
+                block_map = config.block_map(stored.layout.num_blocks)  # a bad parameter fails here, before any weight
+                reduced = stored.load_blocks(block_map)
+                fingerprint = stored.fingerprint()
+                emulator = spec.build(stored.model, stored.layout, config, tokenizer=tokenizer, reduced=reduced)
+                return save_emulator(emulator, tokenizer, out_dir, fingerprint, base_name, overwrite=overwrite, sign_key=sign_key)
     model, tokenizer = load_checkpoint(model_path, dtype)
     emulator = build_emulator(model, method, config, tokenizer=tokenizer)
     return save_emulator(emulator, tokenizer, out_dir, model_fingerprint(model), base_name, overwrite=overwrite, sign_key=sign_key)
@@ -367,18 +376,16 @@ def stream_layerdrop(stored: StoredCheckpoint, tokenizer, out_dir: Path, config,
 
     def write(tmp: Path) -> None:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
-        fingerprint = Fingerprint()
         names = sorted(stored.source)
-        with stored.read_ahead(names) as reader:
+        with stored.read_ahead(names) as reader:  # it hashes every tensor (the base fingerprint) as it reads
             for name in tqdm(names, desc="layerdrop (streamed)", unit="tensor", disable=bars_disabled()):
-                fingerprint.begin(name, stored.dtype_of(name), tuple(stored.state[name].shape))
                 out = written.get(name)
                 for chunk in reader.chunks(name):
-                    fingerprint.update(chunk)
                     if out is not None:
                         writer.write(out, chunk)
+            fingerprint = reader.fingerprint()
         hashed = writer.close()
-        manifest["base"]["fingerprint"] = fingerprint.hexdigest()  # known only now; the manifest is written after this
+        manifest["base"]["fingerprint"] = fingerprint  # known only now; the manifest is written after this
         reduced.save_pretrained(tmp)
         generation = generation_config_of(stored.path)
         if generation is not None:
@@ -399,16 +406,5 @@ def file_block_prefix(stored: StoredCheckpoint) -> BlockLayout:
         if any(key.startswith(candidate + ".") for key in stored.entries):
             return dataclasses.replace(stored.layout, blocks=candidate)
     raise UnsupportedModelError(f"{stored.layout.model_type}: the checkpoint stores no tensors under {blocks}")
-
-
-def generation_config_of(path: Path):
-    from transformers import GenerationConfig
-
-    if not (path / "generation_config.json").is_file():
-        return None
-    try:
-        return GenerationConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
-        return None
 
 

@@ -23,11 +23,11 @@ from transformers import AutoTokenizer, PreTrainedModel
 from .adapter import PEFT_PREFIX, AdapterBundle, load_adapter
 from .bundle import DTYPES, bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, write_bundle
 from .cards import model_card
-from .emulator import LoadedEmulator, check_blocks, generation_config_of, load_checkpoint
+from .emulator import LoadedEmulator, check_blocks, load_checkpoint
 from .errors import BundleError, ConfigError, PluginError, UnsupportedModelError
 from .progress import bars_disabled
 from .signing import load_private_key
-from .streaming import DEFAULT_SHARD_BYTES, Fingerprint, ShardedWriter, StoredCheckpoint, tensor_bytes
+from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, generation_config_of, tensor_bytes
 from .surgery import BlockLayout, discover_layout, linear_module_names
 
 log = logging.getLogger(__name__)
@@ -356,17 +356,14 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
 
     def write(tmp: Path) -> None:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
-        fingerprint = Fingerprint()
         names = sorted(stored.source)
-        with stored.read_ahead(names) as reader:
+        with stored.read_ahead(names) as reader:  # it hashes the base (its fingerprint) as it reads
             for name in tqdm(names, desc="plug-in (streamed)", unit="tensor", disable=bars_disabled()):
                 dtype, shape = stored.dtype_of(name), tuple(stored.state[name].shape)
-                fingerprint.begin(name, dtype, shape)
                 out = stored.source[name] if name in primary else None
                 if name in bundle.tensors or name in targets:
                     data = bytearray()
                     for chunk in reader.chunks(name):
-                        fingerprint.update(chunk)
                         data += chunk
                     if out is None:
                         continue
@@ -380,11 +377,11 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
                     writer.write(out, tensor_bytes(value))
                 else:
                     for chunk in reader.chunks(name):
-                        fingerprint.update(chunk)
                         if out is not None:
                             writer.write(out, chunk)
+            fingerprint = reader.fingerprint()
         hashed = writer.close()
-        _check_fingerprint(bundle, fingerprint.hexdigest())  # raising here publishes nothing
+        _check_fingerprint(bundle, fingerprint)  # raising here publishes nothing
         config = stored.config
         config.dtype = stored.dtype
         config.save_pretrained(tmp)

@@ -26,7 +26,7 @@ import torch
 
 from .bundle import TORCH_DTYPES, safetensors_layout
 from .errors import BundleError, UnsupportedModelError
-from .surgery import BlockLayout, discover_layout
+from .surgery import BlockLayout, discover_layout, reduced_config
 
 CHUNK_BYTES = 64 << 20
 DEFAULT_SHARD_BYTES = 5 << 30  # the hub's customary shard size
@@ -169,6 +169,39 @@ class StoredCheckpoint:
         disk reads overlap the caller's hashing and writing (both release the GIL)."""
         return ReadAhead(self, names, depth, chunk_bytes)
 
+    def fingerprint(self) -> str:
+        """`bundle.model_fingerprint` of the model this checkpoint loads as, from one streamed read."""
+        names = sorted(self.source)
+        with self.read_ahead(names) as reader:
+            for name in names:
+                for _ in reader.chunks(name):
+                    pass
+            return reader.fingerprint()
+
+    def load_blocks(self, kept: list[int]):
+        """The model with only blocks `kept` (original indices, ascending), renumbered, as
+        `surgery.build_reduced_model` makes it from the loaded model, but reading only those blocks'
+        tensors: peak memory is the reduced model, never the whole one."""
+        from transformers.initialization import no_init_weights
+
+        layout = self.layout
+        config = reduced_config(self.config, kept)
+        with no_init_weights():  # allocated, not initialised: every tensor is overwritten below
+            model = type(self.model)._from_config(config, dtype=self.dtype)
+        with torch.no_grad():
+            for name, target in model.state_dict().items():
+                parsed = layout.parse_block_key(name)
+                original = name if parsed is None else layout.block_key(kept[parsed[0]], parsed[1])
+                if original not in self.source:
+                    raise UnsupportedModelError(f"{layout.model_type}: the reduced model has {name}, which the checkpoint does not fill")
+                target.copy_(self.tensor(original))
+        model.tie_weights()
+        generation = generation_config_of(self.path)
+        if generation is not None:
+            model.generation_config = generation
+        model.eval()
+        return model
+
     def tensor(self, name: str) -> torch.Tensor:
         """State-dict tensor `name`, read whole (for the few tensors a caller must compute with)."""
         data = bytearray().join(self.chunks(name))
@@ -195,6 +228,10 @@ class ReadAhead:
     _END = object()
 
     def __init__(self, stored: StoredCheckpoint, names: list[str], depth: int, chunk_bytes: int):
+        # The reading thread also computes the fingerprint of what it reads (in the caller's name order), so
+        # hashing the base and whatever the caller does with the bytes run on two cores.
+        self._fingerprint = Fingerprint()
+        self._error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._names = list(names)
@@ -214,12 +251,15 @@ class ReadAhead:
     def _produce(self, stored: StoredCheckpoint, chunk_bytes: int) -> None:
         try:
             for name in self._names:
+                self._fingerprint.begin(name, stored.dtype_of(name), tuple(stored.state[name].shape))
                 for chunk in stored.chunks(name, chunk_bytes):
+                    self._fingerprint.update(chunk)
                     if not self._put(chunk):
                         return
                 if not self._put(self._END):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the reader, raised there
+            self._error = e
             self._put(e)
 
     def chunks(self, name: str) -> Iterator[bytes]:
@@ -234,6 +274,19 @@ class ReadAhead:
                 raise item
             yield item
 
+    def fingerprint(self) -> str:
+        """`bundle.model_fingerprint` over the names read, in order; only once every one has been consumed."""
+        if self._next != len(self._names):
+            raise RuntimeError("ReadAhead: the fingerprint is known only once every tensor has been read")
+        while self._thread.is_alive():  # it may still be handing over the end of the last tensor
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        if self._error is not None:
+            raise self._error
+        return self._fingerprint.hexdigest()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
@@ -243,6 +296,18 @@ class ReadAhead:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def generation_config_of(path: Path):
+    """The checkpoint's generation_config.json as transformers reads it, or None."""
+    from transformers import GenerationConfig
+
+    if not (Path(path) / "generation_config.json").is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:

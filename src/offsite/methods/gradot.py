@@ -129,6 +129,11 @@ class GradOTConfig(EmulatorConfig):
             return self.middle_blocks(num_blocks)
         return select_middle(self, num_blocks)
 
+    def block_map(self, num_blocks: int) -> list[int]:
+        """The original blocks the emulator is built from: the adapter and the middle LayerDrop keeps."""
+        adapter = self.adapter_blocks(num_blocks)
+        return adapter[: self.num_bottom] + self.kept_middle(num_blocks) + adapter[self.num_bottom :]
+
 
 # ------------------------------------------------------------------ where the linears are
 @dataclass
@@ -516,7 +521,9 @@ def score_units(model, layout: BlockLayout, blocks: list[int], config: GradOTCon
 
 
 @register("gradot", GradOTConfig, needs_tokenizer=True)
-def build_gradot(model: PreTrainedModel, layout: BlockLayout, config: GradOTConfig, tokenizer=None) -> Emulator:
+def build_gradot(model: PreTrainedModel, layout: BlockLayout, config: GradOTConfig, tokenizer=None, reduced=None) -> Emulator:
+    """`reduced`: the model already cut to `config.block_map` (loaded block by block from the checkpoint,
+    offsite.streaming); `model` may then be the whole model on the meta device (its sizes are all it gives)."""
     times: dict[str, float] = {}
     start = time.perf_counter()
     adapter = config.adapter_blocks(layout.num_blocks)
@@ -526,7 +533,8 @@ def build_gradot(model: PreTrainedModel, layout: BlockLayout, config: GradOTConf
     original_middle = sum(count_parameters(get_blocks(model, layout)[i]) for i in config.middle_blocks(layout.num_blocks))
     budget = config.target_fraction * original_middle
 
-    reduced = build_reduced_model(model, layout, block_map)
+    if reduced is None:
+        reduced = build_reduced_model(model, layout, block_map)
     positions = list(range(len(bottom), len(bottom) + len(kept_middle)))  # middle blocks in the emulator
     features, pad_id = None, 0
     if config.score == "gradient":
