@@ -651,3 +651,38 @@ def test_memory_ends_each_answer_with_an_eos_row(llama, tokenizer, head_dir, tmp
     assert len(with_end.values) == len(without.values) + 3
     ends = np.cumsum(np.load(tmp_path / "a" / "lengths.npy")) - 1
     assert all(int(with_end.values[i]) == tokenizer.eos_token_id for i in ends)
+
+
+@pytest.mark.parametrize("stop_in", ["rct", "joint"])
+def test_an_interrupted_training_resumes_to_exactly_the_uninterrupted_result(strong_head, tmp_path, monkeypatch, stop_in):
+    """#17: long PEMA runs span sessions: the state after each validation is saved, and a rerun continues it."""
+    memory = learnable_memory(tmp_path / "m", strong_head)
+    config = PemaConfig(rank=8, batch_size=32, epochs=6, patience=50, lr=1e-2, eval_every=3)
+    reference, ref_metrics = train_pema(memory, strong_head, config, progress=False)
+
+    calls = {"n": 0}
+    evaluate = train_module.evaluate_loss
+
+    class Stop(Exception):
+        pass
+
+    def stopping(*args, **kwargs):  # a kill right after the 4th validation of the chosen phase was saved
+        calls["n"] += 1
+        if calls["n"] == (5 if stop_in == "rct" else 5 + len(ref_metrics["rct"]["val_history"])):
+            raise Stop
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_loss", stopping)
+    with pytest.raises(Stop):
+        train_pema(memory, strong_head, config, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    monkeypatch.setattr(train_module, "evaluate_loss", evaluate)
+    resumed, metrics = train_pema(memory, strong_head, config, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    for name in ("A", "B_rct", "B_pd"):
+        assert torch.equal(getattr(resumed, name), getattr(reference, name)), name
+    assert metrics[stop_in]["resumed_at_step"] > 0
+    for phase in ("rct", "joint"):
+        assert metrics[phase]["val_history"] == ref_metrics[phase]["val_history"]
+    # another configuration never resumes this run's state
+    other = PemaConfig(rank=4, batch_size=32, epochs=1, patience=50, lr=1e-2, eval_every=3)
+    _, fresh = train_pema(memory, strong_head, other, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    assert "resumed_at_step" not in fresh["rct"] and "resumed_at_step" not in fresh["joint"]

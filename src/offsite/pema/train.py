@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -135,8 +136,12 @@ def _batch(memory: ExternalMemory, rows: np.ndarray, device) -> tuple[torch.Tens
 
 # ---------------------------------------------------------------- training
 def train_pema(memory: ExternalMemory, head: LoadedHead, config: PemaConfig | None = None,
-               progress: bool = True) -> tuple[PemaAdapter, dict]:
-    """Both phases on `memory`; returns the adapter (best weights of each phase) and metrics."""
+               progress: bool = True, checkpoint_dir: str | Path | None = None) -> tuple[PemaAdapter, dict]:
+    """Both phases on `memory`; returns the adapter (best weights of each phase) and metrics.
+
+    With `checkpoint_dir`, the run's state is saved there at every validation (safetensors + JSON),
+    and a run started again with the same settings, memory and head continues where it stopped,
+    step for step as if never interrupted (the RNG state is saved too)."""
     from ..models import resolve_device
 
     config = config or PemaConfig()
@@ -168,17 +173,26 @@ def train_pema(memory: ExternalMemory, head: LoadedHead, config: PemaConfig | No
                       f"than about {min_rows:,} rows (use more or longer training examples)", stacklevel=2)
     start = time.perf_counter()
     metrics = {"train_rows": len(train_rows), "val_rows": len(val_rows)}
-    metrics["rct"] = _run_phase("rct", adapter, [adapter.A, adapter.B_rct], rct_loss, memory, train_rows, val_rows, config, device, progress)
+    saver = PhaseCheckpoints(checkpoint_dir, run_identity(config, memory, head)) if checkpoint_dir is not None else None
+    done = saver.finished("rct", adapter) if saver else None
+    if done is None:
+        metrics["rct"] = _run_phase("rct", adapter, [adapter.A, adapter.B_rct], rct_loss, memory, train_rows, val_rows, config, device,
+                                    progress, saver)
+    else:
+        metrics["rct"] = done
     adapter.B_rct.requires_grad_(False)
-    adapter.reset_A()  # phase 2 learns a fresh encoder against the frozen reconstruction decoder
-    metrics["joint"] = _run_phase("joint", adapter, [adapter.A, adapter.B_pd], joint_loss, memory, train_rows, val_rows, config, device, progress)
+    if done is None or saver.phase_state("joint") is None:
+        adapter.reset_A()  # phase 2 learns a fresh encoder against the frozen reconstruction decoder
+    metrics["joint"] = _run_phase("joint", adapter, [adapter.A, adapter.B_pd], joint_loss, memory, train_rows, val_rows, config, device,
+                                  progress, saver)
     metrics.update(_accuracy(adapter, logits_of, memory, val_rows, config.batch_size, device))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     adapter.requires_grad_(False).eval()
     return adapter, metrics
 
 
-def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, config: PemaConfig, device, progress) -> dict:
+def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, config: PemaConfig, device, progress,
+               saver: "PhaseCheckpoints | None" = None) -> dict:
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -186,7 +200,16 @@ def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, con
     best, best_state, bad, history, step, losses = math.inf, None, 0, [], 0, []
     stopped, validated_at = False, -1
     phase_seed = {"rct": 1, "joint": 2}[name]
-    bar = tqdm(total=config.epochs * steps_per_epoch, disable=bars_disabled(progress), desc=f"pema {name}", unit="step")
+    resumed = saver.phase_state(name) if saver else None
+    if resumed is not None:  # continue a run that stopped after a validation
+        state, tensors = resumed
+        adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")})
+        best_state = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+        optimizer.load_state_dict(_optimizer_state(state["optimizer"], tensors))
+        torch.set_rng_state(tensors["rng"])
+        best, bad, history, step, losses = state["best"], state["bad"], state["history"], state["step"], state["losses"]
+        validated_at = step
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=step, disable=bars_disabled(progress), desc=f"pema {name}", unit="step")
 
     def validate() -> bool:
         nonlocal best, best_state, bad, validated_at
@@ -198,12 +221,16 @@ def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, con
         else:
             bad += 1
         bar.set_postfix(val=f"{value:.4f}", best=f"{best:.4f}")
+        if saver is not None:
+            saver.save_phase(name, adapter, best_state, optimizer, {"best": best, "bad": bad, "history": history, "step": step,
+                                                                     "losses": [losses[0], losses[-1]] if losses else []})
         return bad >= config.patience
 
-    for epoch in range(config.epochs):
+    first_epoch, first_i = divmod(step, steps_per_epoch)
+    for epoch in range(first_epoch, config.epochs):
         order = train_rows[np.random.default_rng([config.seed, phase_seed, epoch]).permutation(len(train_rows))]
         adapter.train()
-        for i in range(steps_per_epoch):
+        for i in range(first_i if epoch == first_epoch else 0, steps_per_epoch):
             f, y = _batch(memory, order[i * config.batch_size : (i + 1) * config.batch_size], device)
             loss = loss_fn(f, y)
             optimizer.zero_grad(set_to_none=True)
@@ -226,9 +253,104 @@ def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, con
     adapter.load_state_dict(best_state)
     for p in params:
         p.requires_grad_(False)
-    return {"steps": step, "epochs": epoch + 1, "stopped_early": stopped, "stopped_by": "patience" if stopped else "epoch cap",
-            "best_val_loss": round(best, 6),
-            "val_history": history, "first_train_loss": round(losses[0], 6), "last_train_loss": round(losses[-1], 6)}
+    result = {"steps": step, "epochs": min(config.epochs, step // steps_per_epoch + (step % steps_per_epoch > 0)), "stopped_early": stopped,
+              "stopped_by": "patience" if stopped else "epoch cap", "best_val_loss": round(best, 6),
+              "val_history": history, "first_train_loss": round(losses[0], 6), "last_train_loss": round(losses[-1], 6)}
+    if resumed is not None:
+        result["resumed_at_step"] = resumed[0]["step"]
+    if saver is not None:
+        saver.finish_phase(name, adapter, result)
+    return result
+
+
+def run_identity(config: PemaConfig, memory: ExternalMemory, head: LoadedHead) -> str:
+    """What a PEMA run computes from: its settings (less the device), the memory and the head."""
+    import hashlib
+    import json
+
+    settings = {k: v for k, v in asdict(config).items() if k != "device"}
+    data = json.dumps([settings, memory.meta.get("fingerprint"), head.fingerprint], sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+class PhaseCheckpoints:
+    """A PEMA run's state after each validation, in `directory`: per phase `<phase>.safetensors` (adapter,
+    best weights, Adam moments, RNG state) + `<phase>.json` (counters, history, optimizer layout), and
+    `<phase>.done.json` with the phase's metrics once it ends. A run of another identity starts afresh."""
+
+    def __init__(self, directory: str | Path, identity: str):
+        import json
+
+        self.dir = Path(directory)
+        self.identity = identity
+        self.dir.mkdir(parents=True, exist_ok=True)
+        mark = self.dir / "identity.txt"
+        if not mark.exists() or mark.read_text().strip() != identity:
+            for old in self.dir.glob("*"):
+                if old.is_file():
+                    old.unlink()
+            mark.write_text(identity + "\n")
+        self._json = json
+
+    def _write(self, name: str, tensors: dict, state: dict) -> None:
+        from ..durable import write_synced
+
+        tmp = self.dir / f".{name}.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, self.dir / f"{name}.safetensors")
+        write_synced(self.dir / f"{name}.json", (self._json.dumps(state) + "\n").encode())  # written last: it marks the pair complete
+
+    def save_phase(self, name: str, adapter, best_state, optimizer, state: dict) -> None:
+        tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
+        tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
+        tensors["rng"] = torch.get_rng_state()
+        opt = optimizer.state_dict()
+        layout = {"param_groups": opt["param_groups"], "state": {}}
+        for index, entries in opt["state"].items():
+            layout["state"][str(index)] = {}
+            for key, value in entries.items():
+                if torch.is_tensor(value):
+                    tensors[f"opt.{index}.{key}"] = value
+                    layout["state"][str(index)][key] = "tensor"
+                else:
+                    layout["state"][str(index)][key] = value
+        (self.dir / f"{name}.json").unlink(missing_ok=True)  # a crash between the two writes leaves no mismatched pair
+        self._write(name, tensors, {**state, "optimizer": layout})
+
+    def phase_state(self, name: str):
+        """(state, tensors) of an unfinished phase saved after a validation, or None."""
+        from safetensors.torch import load_file
+
+        if not (self.dir / f"{name}.json").exists() or (self.dir / f"{name}.done.json").exists():
+            return None
+        return self._json.loads((self.dir / f"{name}.json").read_text()), load_file(self.dir / f"{name}.safetensors")
+
+    def finish_phase(self, name: str, adapter, metrics: dict) -> None:
+        from ..durable import write_synced
+
+        tmp = self.dir / f".{name}.final.tmp"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+        save_file(tensors | {"rng": torch.get_rng_state()}, tmp)  # what follows the phase draws from this RNG state
+        os.replace(tmp, self.dir / f"{name}.final.safetensors")
+        write_synced(self.dir / f"{name}.done.json", (self._json.dumps(metrics) + "\n").encode())
+
+    def finished(self, name: str, adapter) -> dict | None:
+        """The metrics of a finished phase, its final weights loaded into `adapter`; None if not finished."""
+        from safetensors.torch import load_file
+
+        if not (self.dir / f"{name}.done.json").exists():
+            return None
+        tensors = load_file(self.dir / f"{name}.final.safetensors")
+        torch.set_rng_state(tensors.pop("rng"))
+        adapter.load_state_dict(tensors)
+        return self._json.loads((self.dir / f"{name}.done.json").read_text())
+
+
+def _optimizer_state(layout: dict, tensors: dict) -> dict:
+    state = {}
+    for index, entries in layout["state"].items():
+        state[int(index)] = {key: tensors[f"opt.{index}.{key}"] if value == "tensor" else value for key, value in entries.items()}
+    return {"param_groups": layout["param_groups"], "state": state}
 
 
 @torch.no_grad()
@@ -335,7 +457,12 @@ def train_pema_bundle(memory_dir, head_dir, out_dir, config: PemaConfig | None =
     sign_key = load_private_key(sign_key) if sign_key is not None else None  # fail before training
     head = load_head(head_dir, trusted_key=trusted_key)
     memory = ExternalMemory.open(memory_dir)
-    adapter, metrics = train_pema(memory, head, config, progress=progress)
-    return save_pema_adapter(adapter, out_dir, head, memory, config, metrics, overwrite=overwrite, sign_key=sign_key)
+    checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")  # beside the bundle: a stopped run resumes from it
+    adapter, metrics = train_pema(memory, head, config, progress=progress, checkpoint_dir=checkpoints)
+    path = save_pema_adapter(adapter, out_dir, head, memory, config, metrics, overwrite=overwrite, sign_key=sign_key)
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle holds the result now
+    return path
 
 
