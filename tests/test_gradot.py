@@ -422,3 +422,22 @@ def test_a_structure_that_loads_but_cannot_compute_is_refused_on_load(base_dir, 
     with pytest.raises(BundleError, match="declared structure does not compute") as error:
         load_emulator(emu)
     assert "\n" not in str(error.value)
+
+
+def test_plain_transformers_refuses_a_restructured_emulator_by_name_and_offsite_loads_it(tmp_path):
+    """#20: a GradOT bundle's middle has smaller modules than its family's config implies; plain transformers and
+    lm-eval's hf loader must refuse it by name (not with a shape-mismatch report), offsite must load it."""
+    from tiny import save_tiny_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from offsite.emulator import STRUCTURED_MODEL_TYPE, compress_checkpoint, load_emulator
+    from offsite.methods import make_config
+
+    save_tiny_checkpoint("llama", tmp_path / "base")
+    bundle = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "gradot",
+                                 make_config("gradot", target_fraction=0.5, support_size=8, support_max_length=32))
+    with pytest.raises(ValueError, match="offsite_structured_emulator__load_with_offsite_emulator_load_emulator"):
+        AutoModelForCausalLM.from_pretrained(bundle)
+    emulator = load_emulator(bundle)
+    assert emulator.model.config.model_type == "llama" and STRUCTURED_MODEL_TYPE not in str(emulator.model.config.to_dict())
+    assert "load_emulator" in (bundle / "README.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -53,10 +54,38 @@ def save_emulator(
 
     def write(tmp: Path) -> None:
         emulator.model.save_pretrained(tmp)
+        if emulator.structure:
+            mark_structured(tmp / "config.json")
         (tmp / "README.md").write_text(model_card("emulator", manifest))
         tokenizer.save_pretrained(tmp)
 
     return write_bundle(out_dir, "emulator", manifest, write, overwrite=overwrite, sign_key=sign_key)
+
+
+# The model_type a restructured emulator's config.json declares (the family's own moves to STRUCTURED_KEY):
+# its smaller middle modules exist only once offsite applies the manifest's structure, so plain transformers
+# (and lm-eval's hf loader) must refuse it by name instead of failing on shape mismatches.
+STRUCTURED_MODEL_TYPE = "offsite_structured_emulator__load_with_offsite_emulator_load_emulator"
+STRUCTURED_KEY = "offsite_model_type"
+
+
+def mark_structured(config_path: Path) -> None:
+    data = json.loads(config_path.read_text())
+    data[STRUCTURED_KEY] = data["model_type"]
+    data["model_type"] = STRUCTURED_MODEL_TYPE
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _structured_config(bundle_dir: Path):
+    """The family config of a restructured emulator (see STRUCTURED_MODEL_TYPE)."""
+    from transformers import CONFIG_MAPPING
+
+    data = read_json_member(bundle_dir / "config.json", "config.json")
+    family = data.pop(STRUCTURED_KEY, None) if isinstance(data, dict) else None
+    if not isinstance(family, str) or family not in CONFIG_MAPPING:
+        raise BundleError(f"emulator config.json declares a restructured model without a known {STRUCTURED_KEY}: {bundle_dir}")
+    data["model_type"] = family
+    return CONFIG_MAPPING[family].from_dict(data)
 
 
 def emulator_manifest(layout: BlockLayout, dtype: torch.dtype, method: str, params: dict, block_map: list[int], adapter_blocks: list[int],
@@ -224,7 +253,13 @@ def load_emulator(
     _check_checkpoint_files(bundle_dir, manifest["files"])
     dtype = dtype or parse_dtype(manifest["base"].get("dtype", "float32"))
     try:
-        config = AutoConfig.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
+        declared = read_json_member(bundle_dir / "config.json", "config.json")
+        if isinstance(declared, dict) and declared.get("model_type") == STRUCTURED_MODEL_TYPE:
+            if "structure" not in manifest:
+                raise BundleError(f"emulator config.json declares a restructured model, its manifest no structure: {bundle_dir}")
+            config = _structured_config(bundle_dir)
+        else:
+            config = AutoConfig.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise BundleError(f"emulator config.json names model_type {str(config.model_type)[:40]!r}, not one of the supported "
                               f"families {sorted(SUPPORTED_MODEL_TYPES)}: {bundle_dir}")
