@@ -273,16 +273,17 @@ def collect_statistics(model: PreTrainedModel, modules: dict[str, nn.Module], fe
         collector.close()
     if labelled == 0:
         raise ConfigError("gradot: the support set has no labelled tokens")
-    A = {key: cov / collector.tokens for key, cov in collector.A.items()}
+    # In place: for a 7B block the factors are ~3 GB in float32, and a divided copy would double that.
+    A = {key: cov.div_(collector.tokens) for key, cov in collector.A.items()}
     out = {}
     for name, m in modules.items():
-        grad = m.weight.grad.float() / labelled
+        grad = m.weight.grad.float().div_(labelled)
+        m.weight.grad = None
         out[name] = Stats(
             A=A[collector.a_key[name]],
-            G=collector.G[name] / collector.tokens,
+            G=collector.G[name].div_(collector.tokens),
             grad=grad.T if isinstance(m, Conv1D) else grad,
         )
-        m.weight.grad = None
     for name, p in model.named_parameters():
         p.requires_grad_(requires[name])
     return out
@@ -506,6 +507,8 @@ def score_units(model, layout: BlockLayout, blocks: list[int], config: GradOTCon
             in_f, out_f = linear_shape(m)
             U, S, Vh, curvature, loss = svd_terms(dense_weight(m), stats.get(path))
             bias = out_f if _bias(m) is not None else 0
+            if m.weight.dtype in (torch.bfloat16, torch.float16):  # kept until the build, where they are stored in this dtype anyway
+                U, Vh = U.to(m.weight.dtype), Vh.to(m.weight.dtype)
             units.append(Unit("attn", [path], curvature, loss, in_f + out_f, in_f * out_f + bias, bias, {"svd": (U, S, Vh)}))
         for site in mlp_sites:
             ins = [(dense_weight(modules[p]), stats.get(p)) for p in site.inputs]
