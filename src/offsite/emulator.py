@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,10 @@ from .methods import Emulator, build_emulator
 from .models import load_checkpoint  # noqa: F401  (re-exported: the Hugging Face checkpoint loader)
 from .progress import bars_disabled
 from .signing import load_private_key
-from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, generation_config_of
+from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, generation_config_of, open_stored
 from .structure import structured_class
 from .surgery import BlockLayout, discover_layout, reduced_config
 
-log = logging.getLogger(__name__)
 # Methods compress_checkpoint runs without the whole model in memory (offsite.streaming).
 STREAMED_METHODS = frozenset({"layerdrop", "gradot"})
 
@@ -362,13 +360,8 @@ def compress_checkpoint(
     if stream:
         if method not in STREAMED_METHODS:
             raise ConfigError(f"method {method!r} needs the whole model; only {sorted(STREAMED_METHODS)} compress without loading it")
-        try:
-            stored = StoredCheckpoint(model_path, dtype)
-        except UnsupportedModelError as e:
-            if explicit_stream:
-                raise
-            log.info("streaming is not possible (%s); loading the model instead", e)
-        else:
+        stored = open_stored(model_path, dtype, required=explicit_stream)
+        if stored is not None:
             with stored:
                 if method == "layerdrop":
                     return stream_layerdrop(stored, tokenizer, out_dir, config, base_name, overwrite, sign_key, max_shard_bytes)

@@ -11,7 +11,6 @@ with a one-line error; the full model is only modified once every check has pass
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -24,13 +23,12 @@ from .adapter import PEFT_PREFIX, AdapterBundle, load_adapter
 from .bundle import DTYPES, bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, write_bundle
 from .cards import model_card
 from .emulator import LoadedEmulator, check_blocks, load_checkpoint
-from .errors import BundleError, ConfigError, PluginError, UnsupportedModelError
+from .errors import BundleError, ConfigError, PluginError
 from .progress import bars_disabled
 from .signing import load_private_key
-from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, generation_config_of, tensor_bytes
+from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, generation_config_of, open_stored, tensor_bytes
 from .surgery import BlockLayout, discover_layout, linear_module_names
 
-log = logging.getLogger(__name__)
 
 # Norm bound: an adapter tensor (full blocks), or a LoRA update (alpha/r) B A, may have a
 # Frobenius norm of at most MAX_NORM_RATIO x max(|W|, NORM_FLOOR_RMS x sqrt(numel(W))), where W
@@ -316,13 +314,8 @@ def plugin_checkpoint(
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise BundleError(f"the checkpoint's tokenizer cannot be loaded ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
                               f"{base_path}") from None
-        try:
-            stored = StoredCheckpoint(base_path, dtype)
-        except UnsupportedModelError as e:
-            if explicit_stream:
-                raise
-            log.info("streaming is not possible (%s); loading the model instead", e)
-        else:
+        stored = open_stored(base_path, dtype, required=explicit_stream)
+        if stored is not None:
             with stored:
                 return _stream_plugin(stored, bundle, tokenizer, out_dir, manifest, max_norm_ratio, overwrite, sign_key, max_shard_bytes)
     model, tokenizer = load_checkpoint(base_path, dtype)

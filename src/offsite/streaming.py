@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import queue
 import struct
@@ -28,6 +29,7 @@ from .bundle import TORCH_DTYPES, safetensors_layout
 from .errors import BundleError, UnsupportedModelError
 from .surgery import BlockLayout, discover_layout, reduced_config
 
+log = logging.getLogger(__name__)
 CHUNK_BYTES = 64 << 20
 DEFAULT_SHARD_BYTES = 5 << 30  # the hub's customary shard size
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,6 +45,18 @@ class StoredTensor:
     shape: tuple[int, ...]
     begin: int  # byte offsets in the file
     end: int
+
+
+def open_stored(path: str | Path, dtype: torch.dtype, required: bool) -> "StoredCheckpoint | None":
+    """The checkpoint opened for streaming, or None (logged) when it cannot stream and `required` is
+    false (the caller then loads the model); with `required`, that is an UnsupportedModelError."""
+    try:
+        return StoredCheckpoint(path, dtype)
+    except UnsupportedModelError as e:
+        if required:
+            raise
+        log.info("streaming is not possible (%s); loading the model instead", e)
+        return None
 
 
 def checkpoint_files(path: Path) -> list[Path]:
