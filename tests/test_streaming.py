@@ -226,3 +226,19 @@ def test_methods_that_need_the_whole_model_refuse_stream_true(tmp_path):
     with pytest.raises(ConfigError, match="needs the whole model"):
         compress_checkpoint(tmp_path / "base", tmp_path / "emu", "crash", make_config("crash", num_clusters=2), stream=True)
     assert not (tmp_path / "emu").exists()
+
+
+def test_a_streamed_lora_merge_to_infinity_publishes_nothing(tmp_path):
+    """With the norm bound off, the streamed plug-in finds a non-finite merge as it computes it and writes no bundle."""
+    from conftest import rehash
+
+    save_base(tmp_path / "base", dtype=torch.bfloat16)
+    emulator = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    adapter = finetune(emulator, EXAMPLES, tmp_path / "run", FinetuneConfig(lora=True, epochs=1, batch_size=2, max_length=16), progress=False)
+    file = adapter / "adapter_model.safetensors"
+    tensors = {k: torch.full_like(v, 1e20) for k, v in load_file(file).items()}
+    save_file(tensors, file)
+    rehash(adapter)
+    with pytest.raises(PluginError, match="merges to infinite"):
+        plugin_checkpoint(tmp_path / "base", adapter, tmp_path / "out", max_norm_ratio=None)
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

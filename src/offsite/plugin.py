@@ -205,15 +205,20 @@ def check_full_blocks(bundle: AdapterBundle, expected: dict[str, torch.Tensor], 
             raise PluginError(f"adapter tensor {key} overflows the model's {expected[key].dtype} (infinite once stored)")
 
 
-def check_lora(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, weight_of, max_norm_ratio: float | None) -> None:
+def check_lora(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, weight_of, max_norm_ratio: float | None,
+               merged_finite: bool = True) -> None:
     """Every check a LoRA adapter passes before it is merged: targets inside the adapter blocks, shapes
-    (from `model`, which may be on the meta device), the norm bound and a finite merge against
-    `weight_of(target)`, the target's real weight."""
+    (from `model`, which may be on the meta device), the norm bound and (`merged_finite`) a finite merge
+    against `weight_of(target)`, the target's real weight. The streamed plug-in checks the merge as it
+    computes it instead (a 7B model's merges cost as much as the copy), before anything is published."""
     _check_tensors(bundle.tensors, _lora_shapes(model, layout, bundle))
+    if max_norm_ratio is None and not merged_finite:
+        return
     for target in bundle.lora.target_modules:  # each weight fetched once (a streamed plug-in reads it from disk)
         weight = weight_of(target)
         _check_lora_norm(bundle, target, weight, max_norm_ratio)
-        _check_merged_finite(bundle, target, weight)
+        if merged_finite:
+            _check_merged_finite(bundle, target, weight)
 
 
 def lora_delta(bundle: AdapterBundle, target: str) -> torch.Tensor:
@@ -342,7 +347,7 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
         check_full_blocks(bundle, full_block_parameters(stored.model, layout, bundle), stored.tensor, max_norm_ratio)
         targets = {}
     else:
-        check_lora(stored.model, layout, bundle, lambda target: stored.tensor(f"{target}.weight"), max_norm_ratio)
+        check_lora(stored.model, layout, bundle, lambda target: stored.tensor(f"{target}.weight"), max_norm_ratio, merged_finite=False)
         targets = {f"{target}.weight": target for target in bundle.lora.target_modules}
     primary = set(stored.primary_names())
     plan = [(stored.source[name], stored.dtype_of(name), tuple(stored.state[name].shape)) for name in stored.primary_names()]
@@ -354,20 +359,21 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
             for name in tqdm(names, desc="plug-in (streamed)", unit="tensor", disable=bars_disabled()):
                 dtype, shape = stored.dtype_of(name), tuple(stored.state[name].shape)
                 out = stored.source[name] if name in primary else None
-                if name in bundle.tensors or name in targets:
+                if name in bundle.tensors:  # replaced: its base bytes are only hashed (by the reader)
+                    for _ in reader.chunks(name):
+                        pass
+                    if out is not None:
+                        writer.write(out, tensor_bytes(bundle.tensors[name].to(dtype)))
+                elif name in targets:
                     data = bytearray()
                     for chunk in reader.chunks(name):
                         data += chunk
-                    if out is None:
-                        continue
-                    if name in bundle.tensors:
-                        value = bundle.tensors[name].to(dtype)
-                    else:  # W += (alpha/r) B A, in W's dtype, as PEFT's merge does
+                    if out is not None:  # W += (alpha/r) B A, in W's dtype, as PEFT's merge does
                         value = torch.frombuffer(data, dtype=dtype).reshape(shape)
                         value += lora_delta(bundle, targets[name])
                         if not torch.isfinite(value).all():
                             raise PluginError(f"LoRA update of {targets[name][:100]} merges to infinite or NaN weights in {dtype}")
-                    writer.write(out, tensor_bytes(value))
+                        writer.write(out, tensor_bytes(value))
                 else:
                     for chunk in reader.chunks(name):
                         if out is not None:
