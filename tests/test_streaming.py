@@ -242,3 +242,22 @@ def test_a_streamed_lora_merge_to_infinity_publishes_nothing(tmp_path):
     with pytest.raises(PluginError, match="merges to infinite"):
         plugin_checkpoint(tmp_path / "base", adapter, tmp_path / "out", max_norm_ratio=None)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_lazy_adapter_reads_tensors_from_a_private_verified_copy(tmp_path):
+    """#18: the owner's plug-in never holds a multi-GB full-block adapter whole; what it reads is what was hashed,
+    even if the bundle's file changes afterwards."""
+    from offsite.adapter import FULL_WEIGHTS, load_adapter
+
+    save_base(tmp_path / "base")
+    emulator = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    adapter = finetune(emulator, EXAMPLES, tmp_path / "run", FinetuneConfig(epochs=1, batch_size=2, max_length=16), progress=False)
+    eager, lazy = load_adapter(adapter), load_adapter(adapter, lazy=True)
+    assert set(lazy.tensors) == set(eager.tensors) and len(lazy.tensors) == len(eager.tensors)
+    original = {k: v.clone() for k, v in eager.tensors.items()}
+    tensors = load_file(adapter / FULL_WEIGHTS)
+    save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, adapter / FULL_WEIGHTS)  # swapped after verification
+    assert all(torch.equal(lazy.tensors[k], original[k]) for k in original)
+    assert "no such tensor" not in lazy.tensors
+    with pytest.raises(BundleError, match="has size|does not match its SHA-256"):
+        load_adapter(adapter, lazy=True)

@@ -20,7 +20,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .bundle import DTYPES, bundle_fingerprint, load_verified_safetensors, read_json_member, read_manifest, write_bundle
+from .bundle import (DTYPES, bundle_fingerprint, load_private_safetensors, load_verified_safetensors, read_json_member, read_manifest,
+                     write_bundle)
 from .cards import model_card
 from .emulator import LoadedEmulator
 from .errors import BundleError
@@ -186,9 +187,11 @@ class AdapterBundle:
 FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-def load_adapter(bundle_dir: str | Path, trusted_key=None) -> AdapterBundle:
+def load_adapter(bundle_dir: str | Path, trusted_key=None, lazy: bool = False) -> AdapterBundle:
     """Verify an adapter bundle (signature too, when a trusted key is configured) and read its
-    tensors (safetensors only, header checked first) and LoRA settings."""
+    tensors (safetensors only, header checked first) and LoRA settings. `lazy`: the tensors are read
+    one at a time, when used, from a private verified copy (`bundle.PrivateTensors`), so a multi-GB
+    adapter is never in memory whole."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir, kind="adapter", trusted_key=trusted_key)
     spec = manifest.get("adapter")
@@ -211,8 +214,9 @@ def load_adapter(bundle_dir: str | Path, trusted_key=None) -> AdapterBundle:
     weights = LORA_WEIGHTS if spec["type"] == "lora" else FULL_WEIGHTS
     if weights not in manifest["files"]:
         raise BundleError(f"adapter bundle lacks {weights}: {bundle_dir}")
-    # One read: the bytes hashed are the bytes parsed, and the tensors are copies (no view of the file).
-    tensors, header = load_verified_safetensors(bundle_dir, weights, manifest)
+    # One read: the bytes hashed are the bytes parsed, never the file itself again.
+    load = load_private_safetensors if lazy else load_verified_safetensors
+    tensors, header = load(bundle_dir, weights, manifest)
     found = sorted({FLOAT_DTYPES.get(dtype, dtype) for dtype, _ in header.values()})
     if found != sorted(set(spec["dtypes"])):
         raise BundleError(f"{weights} holds tensors of dtype {found}, the manifest declares {spec['dtypes']}: {bundle_dir}")

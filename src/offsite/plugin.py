@@ -177,7 +177,7 @@ def _apply(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, m
         peft_model = get_peft_model(model, bundle.lora.to_peft(model.name_or_path))
         if set(get_peft_model_state_dict(peft_model)) != set(bundle.tensors):
             raise PluginError("PEFT built different LoRA tensors than the adapter holds")
-        set_peft_model_state_dict(peft_model, bundle.tensors)
+        set_peft_model_state_dict(peft_model, dict(bundle.tensors))
         return peft_model.merge_and_unload() if merge else peft_model
     except Exception as e:
         if peft_model is not None:
@@ -294,7 +294,7 @@ def plugin_checkpoint(
     if out_dir.exists() and not overwrite:
         raise BundleError(f"output already exists, not overwriting: {out_dir}")
     sign_key = load_private_key(sign_key) if sign_key is not None else None
-    bundle = load_adapter(adapter_dir, trusted_key)
+    bundle = load_adapter(adapter_dir, trusted_key, lazy=True)  # tensors read when used: a 7B model's blocks are GBs
     issued = issued_emulator(emulator) if emulator is not None else None
     if issued is not None:
         check_issued(bundle, issued)
