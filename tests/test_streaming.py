@@ -261,3 +261,16 @@ def test_a_lazy_adapter_reads_tensors_from_a_private_verified_copy(tmp_path):
     assert "no such tensor" not in lazy.tensors
     with pytest.raises(BundleError, match="has size|does not match its SHA-256"):
         load_adapter(adapter, lazy=True)
+
+
+def test_cli_stream_flags(tmp_path, capsys):
+    from offsite.cli import main
+
+    save_base(tmp_path / "base", dtype=torch.bfloat16)
+    assert main(["compress", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "emu"), "--num-kept", "2",
+                 "--max-shard-size", "20KB"]) in (0, None)
+    assert json.loads((tmp_path / "emu" / INDEX_FILE).read_text())["weight_map"]
+    assert main(["compress", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "emu2"), "--num-kept", "2", "--no-stream"]) in (0, None)
+    assert (tmp_path / "emu2" / "model.safetensors").exists()
+    assert main(["compress", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "emu3"), "--max-shard-size", "lots"]) == 2
+    assert "--max-shard-size must be a size" in capsys.readouterr().err and not (tmp_path / "emu3").exists()

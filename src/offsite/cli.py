@@ -41,9 +41,11 @@ def cmd_compress(opts: dict) -> None:
     dtype = take(opts, "dtype", "auto")
     dtype = dtype if dtype == "auto" else parse_dtype(dtype)
     overwrite, sign_key = take(opts, "overwrite", False), take(opts, "sign_key", None)
+    stream, shard = take(opts, "stream", None), _shard_bytes(take(opts, "max_shard_size", None))
     config = make_config(method, **split_for(get_method(method).config_class, opts))
     _reject_leftovers(opts)
-    path = compress_checkpoint(model_path, out, method, config, dtype=dtype, base_name=name, overwrite=overwrite, sign_key=sign_key)
+    path = compress_checkpoint(model_path, out, method, config, dtype=dtype, base_name=name, overwrite=overwrite, sign_key=sign_key,
+                               stream=stream, **shard)
     print(f"emulator bundle written to {path}")
     print_summary(path)
 
@@ -116,6 +118,28 @@ def cmd_scaleot_importance(opts: dict) -> None:
     print_summary(path)
 
 
+def _stream_flags(p, what: str) -> None:
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=what)
+    p.add_argument("--max-shard-size", default=argparse.SUPPRESS, help="largest safetensors shard written when streaming (default 5GB)")
+
+
+def _shard_bytes(text) -> dict:
+    """--max-shard-size as max_shard_bytes: a number of bytes or one with a unit (5GB, 500MB, 2GiB)."""
+    if text is None:
+        return {}
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), re.I)
+    if not match:
+        raise UsageError(f"--max-shard-size must be a size such as 5GB or 500MB, got {text!r}")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(float(match.group(1)) * scale)
+    if size < 1:
+        raise UsageError(f"--max-shard-size must be positive, got {text!r}")
+    return {"max_shard_bytes": size}
+
+
 def cmd_plugin(opts: dict) -> None:
     from .models import resolve_model
     from .plugin import plugin_checkpoint
@@ -126,8 +150,10 @@ def cmd_plugin(opts: dict) -> None:
     merge = not take(opts, "keep_lora", False)
     overwrite, sign_key = take(opts, "overwrite", False), take(opts, "sign_key", None)
     trust = _trust_options(opts)
+    stream, shard = take(opts, "stream", None), _shard_bytes(take(opts, "max_shard_size", None))
     _reject_leftovers(opts)
-    path = plugin_checkpoint(model_path, adapter, out, merge=merge, overwrite=overwrite, emulator=emulator, sign_key=sign_key, **trust)
+    path = plugin_checkpoint(model_path, adapter, out, merge=merge, overwrite=overwrite, emulator=emulator, sign_key=sign_key,
+                             stream=stream, **shard, **trust)
     print(f"plugged model written to {path}")
 
 
@@ -307,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=argparse.SUPPRESS, help="dtype of the emulator: auto (the checkpoint's own, default), float32, bfloat16, float16")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
+    _stream_flags(p, "LayerDrop and GradOT compress without loading the whole model (default); --no-stream loads it")
     seen: set[str] = set()
     for method in METHODS.values():
         add_dataclass_flags(p, method.config_class, seen)
@@ -348,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(required) the emulator bundle you issued; only its manifest is read")
     p.add_argument("--out", default=argparse.SUPPRESS, help="directory for the adapted model")
     p.add_argument("--keep-lora", action="store_true", default=argparse.SUPPRESS, help="write a PEFT adapter instead of merging")
+    _stream_flags(p, "a merged plug-in streams the base checkpoint tensor by tensor (default); --no-stream loads the model")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing output")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key: sign the plugged-model bundle")
     add_trust_flags(p)
