@@ -141,3 +141,44 @@ def test_manifest_text_cannot_fake_lines_or_drive_the_terminal(base_dir, tmp_pat
     capsys.readouterr()
     code, out, err = run(capsys, "inspect", emu)
     assert code == 0 and "evil\\nOK: verified\\x1b[2J" in out and "\x1b" not in out
+
+
+@pytest.mark.slow
+def test_evaluate_runs_a_local_lm_eval_task_and_checks_it_first(base_dir, tmp_path, capsys, monkeypatch):
+    """#20: an lm-eval 0.4 task YAML over local files runs through lm-eval itself, offline; a bad one is refused
+    before the model loads."""
+    import json as _json
+
+    import offsite.cli as C
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(_json.dumps(r) for r in [
+        {"question": "The sky is", "choices": ["blue", "green"], "label": 0},
+        {"question": "Fire is", "choices": ["cold", "hot"], "label": 1},
+        {"question": "Water is", "choices": ["wet", "dry"], "label": 0},
+    ]) + "\n")
+    task = tmp_path / "mine.yaml"
+    task.write_text(f"""task: offsite_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+""")
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "--model", str(base_dir), "--tasks", str(task), "--out", str(out)]) == 0
+    result = _json.loads(out.read_text())["tasks"][str(task)]
+    assert result["lm_eval_task"] == "offsite_local_mc" and 0.0 <= result["acc,none"] <= 1.0 and result["sample_len"] == 3
+    loaded = []
+    monkeypatch.setattr(C, "_model_for_evaluation", lambda *a, **k: loaded.append(1))
+    (tmp_path / "notask.yaml").write_text("dataset_path: json\n")
+    for bad, message in ((str(tmp_path / "notask.yaml"), "names no task"), (str(tmp_path / "none.yaml"), "task file not found")):
+        assert main(["evaluate", "--model", str(base_dir), "--tasks", f"arc_easy,{bad}"]) == 1
+        assert message in capsys.readouterr().err
+    assert loaded == []

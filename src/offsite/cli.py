@@ -214,7 +214,7 @@ def cmd_inspect(opts: dict) -> None:
 
 def cmd_evaluate(opts: dict) -> None:
     """Score one model (a checkpoint, or an emulator bundle, optionally with an adapter)."""
-    from .evaluation import perplexity, score_multiple_choice
+    from .evaluation import evaluate_lm_eval_task, lm_eval_task_name, perplexity, score_multiple_choice
     from .models import resolve_device
     from .tasks import load_plain_text, load_task_docs
 
@@ -226,7 +226,9 @@ def cmd_evaluate(opts: dict) -> None:
     emulator = _issued_emulator_option(opts) if adapter and model_arg else take(opts, "emulator", None)
     trust = _trust_options(opts)
     _reject_leftovers(opts)
-    docs = {task: load_task_docs(task, limit) for task in tasks}  # every name and file checked before a model loads
+    # Every name and file is checked before a model loads: built-in tasks, MC JSONL files, lm-eval task YAMLs.
+    lm_eval_tasks = {task: lm_eval_task_name(task) for task in tasks if task.endswith((".yaml", ".yml"))}
+    docs = {task: load_task_docs(task, limit) for task in tasks if task not in lm_eval_tasks}
     model, tokenizer, what = _model_for_evaluation(model_arg, bundle, adapter, emulator, trust)
     model.to(device)
     results = {"model": what, "tasks": {}}
@@ -237,6 +239,13 @@ def cmd_evaluate(opts: dict) -> None:
             Path(out).write_text(json.dumps(results, indent=2))
 
     for task in tasks:
+        if task in lm_eval_tasks:  # lm-eval's own implementation and metrics, on this model
+            r = evaluate_lm_eval_task(model, tokenizer, task, limit=limit, batch_size=batch_size)
+            results["tasks"][task] = r
+            save()
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float))
+            print(f"{lm_eval_tasks[task]:<14} (lm-eval) {shown}")
+            continue
         r = score_multiple_choice(model, tokenizer, docs[task], batch_size=batch_size)
         results["tasks"][task] = r
         save()  # each task's result is kept as soon as it is known
@@ -387,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulator", default=argparse.SUPPRESS, help="with --model and --adapter: the emulator bundle you issued")
     add_trust_flags(p)
     p.add_argument("--tasks", default=argparse.SUPPRESS,
-                   help="comma-separated built-in task names or .jsonl files of {context, choices, gold} (default: arc_easy)")
+                   help="comma-separated built-in task names, .jsonl files of {context, choices, gold}, or lm-eval 0.4 task "
+                        "YAML files over local data (default: arc_easy)")
     p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="first N docs of each evaluation split")
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="(default: 32)")
     p.add_argument("--perplexity", action="store_true", default=argparse.SUPPRESS, help="also held-out perplexity")

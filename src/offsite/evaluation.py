@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,45 @@ def lm_eval_model(model, tokenizer, batch_size: int | str = 16):
     except ImportError:
         raise AssetError(f"lm-eval is not installed (optional extra 'eval'): {LM_EVAL_INSTALL}") from None
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def lm_eval_task_name(path: str | Path) -> str:
+    """The task an lm-eval 0.4 task YAML defines, checked before any model loads: the file exists and
+    names its task, and lm-eval is installed. Its data must be local (e.g. `dataset_path: json` with
+    `dataset_kwargs: {data_files: ...}`): evaluation runs with the datasets hub offline."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"lm-eval task file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"lm-eval task file is not valid YAML ({str(e).splitlines()[0][:200]}): {path}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("task"), str):
+        raise ConfigError(f"lm-eval task file names no task (a top-level `task:` key): {path}")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise AssetError(f"lm-eval is not installed (optional extra 'eval'): {LM_EVAL_INSTALL}") from None
+    return spec["task"]
+
+
+def evaluate_lm_eval_task(model, tokenizer, path: str | Path, limit: int | None = None, batch_size: int = 16) -> dict:
+    """lm-eval's own metrics ({"acc,none": ..., ...}) of the task a local task YAML defines, on a loaded
+    model, through `lm_eval_model`; the hub stays offline (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE)."""
+    import os
+
+    name = lm_eval_task_name(path)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(Path(path).resolve().parent))
+    out = lm_eval.simple_evaluate(model=lm_eval_model(model, tokenizer, batch_size), tasks=[name], task_manager=manager, limit=limit)
+    metrics = out["results"][name]
+    return {k: v for k, v in metrics.items() if k not in ("name", "alias")} | {"lm_eval_task": name}
 
 
 def _mc_request(tokenizer, context: str, continuation: str, limit: int | None) -> Request:
