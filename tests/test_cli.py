@@ -182,3 +182,24 @@ metric_list:
         assert main(["evaluate", "--model", str(base_dir), "--tasks", f"arc_easy,{bad}"]) == 1
         assert message in capsys.readouterr().err
     assert loaded == []
+
+
+def test_help_and_version_import_no_torch():
+    """#21: `offsite --help`, `--version` and the light commands' help answer without importing torch."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from offsite.cli import main
+for argv in (["--help"], ["--version"], ["keygen", "-h"], ["verify", "-h"], ["inspect", "-h"]):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+heavy = [m for m in ("torch", "transformers", "peft", "accelerate") if m in sys.modules]
+print("HEAVY", heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stdout and "compress" in out.stdout and "pema-train" in out.stdout and "Exit codes" in out.stdout

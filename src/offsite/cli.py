@@ -318,13 +318,23 @@ def cmd_remote(opts: dict) -> None:
 
 
 # ---------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    from .distill import DistillConfig
-    from .methods import METHODS
-    from .methods.scaleot import ImportanceConfig
-    from .training import FinetuneConfig
+class _Unbuilt:
+    """Stands for the parser of a command that is not being run: every call is a no-op and it is false, so
+    flags that need heavy imports (config dataclasses import torch) are only built for the command run."""
 
-    parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of Hugging Face causal LMs.")
+    def __bool__(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `offsite` parser. `only`: build the flags of that command alone (the others are registered by
+    name and help), so `offsite --help`, `--version` and light commands never import torch."""
+    parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of Hugging Face causal LMs.",
+                                     epilog="Exit codes: 0 success, 1 the command failed or refused (one line says why), "
+                                            "2 the command line is wrong.")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars (as TQDM_DISABLE=1)")
     parser.add_argument("--version", action="version", version=f"offsite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,19 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         p.add_argument("--config", help="YAML file with option values (flags given here override it)")
-        return p
+        return p if only is None or only == name else _Unbuilt()
 
     p = command("compress", cmd_compress, "Owner: compress a model into an emulator bundle.")
     p.add_argument("--model", default=argparse.SUPPRESS, help="HF checkpoint directory or a bundled asset name (smollm2-135m)")
     p.add_argument("--out", default=argparse.SUPPRESS, help="emulator bundle directory to create")
-    p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHODS), help="emulator method (default: layerdrop)")
+    if p:
+        from .methods import METHODS
+    p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHODS) if p else None, help="emulator method (default: layerdrop)")
     p.add_argument("--dtype", default=argparse.SUPPRESS, help="dtype of the emulator: auto (the checkpoint's own, default), float32, bfloat16, float16")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
     _stream_flags(p, "LayerDrop and GradOT compress without loading the whole model (default); --no-stream loads it")
-    seen: set[str] = set()
-    for method in METHODS.values():
-        add_dataclass_flags(p, method.config_class, seen)
+    if p:
+        seen: set[str] = set()
+        for method in METHODS.values():
+            add_dataclass_flags(p, method.config_class, seen)
 
     p = command("distill", cmd_distill, "Owner: distil an emulator's middle blocks towards the full model (OT + KD).")
     p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
@@ -354,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
-    add_dataclass_flags(p, DistillConfig)
+    if p:
+        from .distill import DistillConfig
+
+        add_dataclass_flags(p, DistillConfig)
 
     p = command("scaleot-importance", cmd_scaleot_importance,
                 "Owner: ScaleOT stage (a), train harmonizers and learn block importance (artifact for --method scaleot).")
@@ -362,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="artifact directory to create (checkpoints go to OUT.checkpoints/)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing artifact")
-    add_dataclass_flags(p, ImportanceConfig)
+    if p:
+        from .methods.scaleot import ImportanceConfig
+
+        add_dataclass_flags(p, ImportanceConfig)
 
     p = command("finetune", cmd_finetune, "Data owner: train the adapter on the emulator, export an adapter bundle.")
     p.add_argument("--bundle", default=argparse.SUPPRESS, help="emulator bundle directory")
@@ -375,7 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the adapter bundle")
     p.add_argument("--trusted-key", default=argparse.SUPPRESS,
                    help="the model owner's public key: the emulator bundle must be signed with it (default: $OFFSITE_TRUSTED_KEY)")
-    add_dataclass_flags(p, FinetuneConfig)
+    if p:
+        from .training import FinetuneConfig
+
+        add_dataclass_flags(p, FinetuneConfig)
 
     p = command("plugin", cmd_plugin, "Owner: plug an adapter bundle into the full model.")
     p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
@@ -431,21 +453,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--key", default=argparse.SUPPRESS, help="the signer's public key (default: $OFFSITE_TRUSTED_KEY)")
 
-    from .service.commands import add_remote_actions
-    from .service.config import ServeConfig
-
     p = command("serve", cmd_serve, "Owner: serve emulator bundles, adapter uploads, plug-in jobs and representation queries over HTTP.")
-    add_dataclass_flags(p, ServeConfig)
+    if p:
+        from .service.config import ServeConfig
+
+        add_dataclass_flags(p, ServeConfig)
     p = command("serve-token", cmd_serve_token, "Owner: create an API token for a data owner of offsite serve (printed once).")
     p.add_argument("--state", default=argparse.SUPPRESS, help="the server's state directory")
     p.add_argument("--name", default=argparse.SUPPRESS, help="the data owner's name")
     p.add_argument("--trusted-key", default=argparse.SUPPRESS, help="the data owner's public key: its uploads must be signed with it")
     p = command("remote", cmd_remote, "Data owner: use an offsite server (list, download, upload, submit, status, report).")
-    add_remote_actions(p)
+    if p:
+        from .service.commands import add_remote_actions
+
+        add_remote_actions(p)
     return parser
 
 
 def add_trust_flags(p: argparse.ArgumentParser) -> None:
+    if not p:
+        return
     from .plugin import MAX_NORM_RATIO
 
     p.add_argument("--trusted-key", default=argparse.SUPPRESS,
@@ -455,7 +482,10 @@ def add_trust_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word that is not a top-level option; only its flags are built.
+    words = [a for a in argv if not a.startswith("-")]
+    args = build_parser(only=words[0] if words else "").parse_args(argv)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every offsite bar honours it (offsite.progress)
     try:

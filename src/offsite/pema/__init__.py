@@ -13,17 +13,29 @@ generates by interpolating the adapter's distribution with the model's.
     task.py      SciQ answer generation offline; sacreBLEU and exact match
 """
 
-from .generate import GenerateConfig, generate_ids, generate_texts, unrolling_schedule
-from .head import Head, LoadedHead, export_head, export_head_checkpoint, load_head
-from .memory import ExternalMemory, MemoryConfig, build_memory
-from .owner import DecodingSession, RepresentationRequest, RepresentationResponse, RepresentationServer
-from .task import exact_match, load_generation_examples, normalize_answer, score_generations
-from .train import LoadedPemaAdapter, PemaAdapter, PemaConfig, load_pema_adapter, save_pema_adapter, train_pema, train_pema_bundle
+# public name -> the module that defines it; loaded on first use, so importing the package (as the
+# CLI does to register the pema-* commands) imports no torch.
+_EXPORTS = {
+    **dict.fromkeys(["GenerateConfig", "generate_ids", "generate_texts", "unrolling_schedule"], "generate"),
+    **dict.fromkeys(["Head", "LoadedHead", "export_head", "export_head_checkpoint", "load_head"], "head"),
+    **dict.fromkeys(["ExternalMemory", "MemoryConfig", "build_memory"], "memory"),
+    **dict.fromkeys(["DecodingSession", "RepresentationRequest", "RepresentationResponse", "RepresentationServer"], "owner"),
+    **dict.fromkeys(["exact_match", "load_generation_examples", "normalize_answer", "score_generations"], "task"),
+    **dict.fromkeys(["LoadedPemaAdapter", "PemaAdapter", "PemaConfig", "load_pema_adapter", "save_pema_adapter", "train_pema",
+                     "train_pema_bundle"], "train"),
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "DecodingSession", "ExternalMemory", "GenerateConfig", "Head", "LoadedHead", "LoadedPemaAdapter", "MemoryConfig",
-    "PemaAdapter", "PemaConfig", "RepresentationRequest", "RepresentationResponse", "RepresentationServer",
-    "build_memory", "exact_match", "export_head", "export_head_checkpoint", "generate_ids", "generate_texts",
-    "load_generation_examples", "load_head", "load_pema_adapter", "normalize_answer", "save_pema_adapter",
-    "score_generations", "train_pema", "train_pema_bundle", "unrolling_schedule",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
