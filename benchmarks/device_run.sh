@@ -5,6 +5,8 @@
 # offsite runs from src/ (no install, nothing fetched). Wheels for anything missing go in wheels/ (carry it).
 # Figures go to $OUT (throughput-<shape>.json, device.txt); each step is bounded so the whole stays inside one call.
 # CPU smoke test here: OUT=/tmp/out DEVICE_RUN_TINY=1 bash benchmarks/device_run.sh
+# Not here: the frontier grid. It needs SmolLM2's real weights (the smallest form that ships, the package's
+# Q4_1 GGUF, is 98 MB), and at most 64 MiB of working tree travels to the device, which cannot download.
 set -uo pipefail
 OUT=${OUT:-/tmp/offsite-device-out}
 mkdir -p "$OUT"
