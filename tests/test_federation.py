@@ -108,3 +108,26 @@ def test_a_restarted_owner_resumes_after_its_last_round(federation, tmp_path, mo
     monkeypatch.setattr(A, "fedavg", lambda *a, **k: pytest.fail("a finished round is not recomputed"))
     again = aggregate_round(emulator, updates, tmp_path / "rounds", 1)
     assert again.accepted == first.accepted and again.adapter == first.adapter
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_rounds_the_second_starting_from_the_first_aggregate(federation, lora, tmp_path):
+    from offsite.federation.aggregate import start_from
+
+    root, emulator, clients = federation
+    first = aggregate_round(emulator, [Update(f"owner-{i}", clients[(lora, i)][0], clients[(lora, i)][1]) for i in range(3)],
+                            tmp_path / "rounds", 1)
+    config = FinetuneConfig(lora=lora, epochs=1, batch_size=2, lr=1e-2, max_length=24, max_steps=1)
+    data = [Example("Client 0 question 0:", " answer 0")] * 2
+    # starting from the aggregate: before any step, the trainable tensors are the aggregate's
+    zero_lr = FinetuneConfig(lora=lora, epochs=1, batch_size=2, lr=1e-12, max_length=24, max_steps=1, max_grad_norm=0.0)
+    same = finetune(emulator, data, tmp_path / "same", zero_lr, start=start_from(first.adapter), progress=False)
+    a, b = load_adapter(first.adapter).tensors, load_adapter(same).tensors
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    second = [Update(f"owner-{i}", finetune(emulator, data, tmp_path / f"r2-{i}", config, start=start_from(first.adapter), progress=False), 2)
+              for i in range(2)]
+    result = aggregate_round(emulator, second, tmp_path / "rounds", 2)
+    assert sorted(result.accepted) == ["owner-0", "owner-1"] and latest_round(tmp_path / "rounds").round == 2
+    with pytest.raises(FederationError, match="this run trains"):
+        finetune(emulator, data, tmp_path / "mismatch", FinetuneConfig(lora=not lora, max_steps=1, max_length=24),
+                 start=start_from(first.adapter), progress=False)

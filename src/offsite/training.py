@@ -148,8 +148,13 @@ def finetune(
     progress: bool = True,
     sign_key=None,
     trusted_key=None,
+    start=None,
 ) -> Path:
     """Data-owner recipe: train the adapter of an emulator bundle on `examples`.
+
+    `start(emulator, config)`: where training starts, for rounds after the first (federation): it may
+    set the emulator's adapter blocks, and returns LoRA tensors (keyed as PEFT's state dict of the
+    emulator) to load once LoRA is attached, or None. Default: the emulator's own blocks, fresh LoRA.
 
     Writes the adapter bundle to `output_dir/adapter` (checkpoints go to `output_dir/checkpoints`)
     and returns its path. `trusted_key`: the owner's public key the emulator bundle must be
@@ -171,7 +176,14 @@ def finetune(
     set_seed(config.seed)
     stored = load_emulator_dtype(bundle_dir)
     emulator = load_emulator(bundle_dir, dtype=frozen_dtype(stored, resolve_precision(config.mixed_precision)), trusted_key=trusted_key)
+    lora_start = start(emulator, config) if start is not None else None
     model, lora = make_trainable(emulator, config)
+    if lora_start is not None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        if set(lora_start) != set(get_peft_model_state_dict(model)):
+            raise ConfigError("the starting LoRA adapter has other tensors than this run's LoRA (rank, alpha and targets must match)")
+        set_peft_model_state_dict(model, lora_start)
     features = tokenize_examples(emulator.tokenizer, examples, config.max_length)
     run = train(model, features, pad_token_id(emulator.tokenizer), config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
     if run.accelerator.is_main_process:

@@ -152,6 +152,27 @@ def _apply(emulator: LoadedEmulator, averaged: dict[str, torch.Tensor], template
     return peft_model, replace(template.lora, target_modules=full_targets)
 
 
+def start_from(adapter: str | Path, max_norm_ratio: float | None = MAX_NORM_RATIO, trusted_key=None):
+    """`finetune(..., start=start_from(previous_round_adapter))`: a data owner's next round begins at the
+    aggregate, checked as the owner checks every update (it must come from the same emulator)."""
+
+    def start(emulator: LoadedEmulator, config):
+        bundle = load_adapter(adapter, trusted_key)
+        local = check_update(emulator, bundle, max_norm_ratio)
+        if (local.lora is not None) != bool(config.lora):
+            raise FederationError(f"the round's adapter is {'LoRA' if local.lora else 'full blocks'}; this run trains "
+                                  f"{'LoRA' if config.lora else 'full blocks'}")
+        if local.lora is None:
+            params = full_block_parameters(emulator.model, emulator.layout, local)
+            with torch.no_grad():
+                for key, value in local.tensors.items():
+                    params[key].copy_(value)
+            return None
+        return dict(local.tensors)
+
+    return start
+
+
 def load_round(round_dir: str | Path) -> RoundResult | None:
     """A finished round from disk, or None."""
     path = Path(round_dir) / ROUND_FILE
@@ -168,4 +189,4 @@ def latest_round(out_dir: str | Path) -> RoundResult | None:
 
 
 __all__ = ["FederationError", "RoundResult", "Update", "aggregate_round", "check_update", "fedavg",
-           "latest_round", "load_round"]
+           "latest_round", "load_round", "start_from"]
