@@ -238,3 +238,29 @@ def test_a_bf16_emulator_stays_bf16_under_mixed_precision_and_trains_float32_mas
     assert {t.dtype for t in bundle.tensors.values()} == {torch.bfloat16}
     assert bundle.manifest["adapter"]["dtypes"] == ["bfloat16"] and bundle.manifest["training"]["precision"] == "bf16"
     assert all(torch.isfinite(t).all() for t in bundle.tensors.values())
+
+
+def test_length_grouped_batches_pad_less_and_stay_deterministic(tmp_path):
+    """#22 lever: batches of similar length; the same order for the same (seed, epoch), every example once."""
+    from offsite.data import length_grouped_order
+    from offsite.training import FinetuneConfig, train
+    from tiny import tiny_model
+
+    lengths = [3 + (i * 37) % 60 for i in range(200)]
+    order = length_grouped_order(lengths, batch_size=4, seed=0, epoch=0)
+    assert sorted(order) == list(range(200)) and order == length_grouped_order(lengths, 4, 0, 0)
+    assert order != length_grouped_order(lengths, 4, 0, 1)
+
+    def padding(o):
+        return sum(4 * max(lengths[i] for i in o[s:s + 4]) - sum(lengths[i] for i in o[s:s + 4]) for s in range(0, len(o), 4))
+
+    from offsite.data import epoch_order
+
+    assert padding(order) < 0.2 * padding(epoch_order(200, 0, 0))
+    torch.manual_seed(0)
+    features = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in lengths[:48]]
+    plain = train(tiny_model("llama"), features, 0, FinetuneConfig(epochs=1, batch_size=4, max_length=64), progress=False)
+    grouped = train(tiny_model("llama"), features, 0, FinetuneConfig(epochs=1, batch_size=4, max_length=64, group_by_length=True),
+                    progress=False)
+    assert grouped.metrics["train_tokens"] == plain.metrics["train_tokens"]
+    assert grouped.metrics["padding_fraction"] < plain.metrics["padding_fraction"]

@@ -182,3 +182,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
+
+
+MEGABATCH = 50  # batches per length-sorted group (as transformers' LengthGroupedSampler)
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's shuffled order, sorted by length (longest first) within groups of MEGABATCH batches, so
+    a batch holds examples of similar length and pads less; still random across groups and deterministic
+    per (seed, epoch), so a resumed run sees the same batches."""
+    order = epoch_order(len(lengths), seed, epoch)
+    size = max(1, batch_size * MEGABATCH)
+    return [i for start in range(0, len(order), size) for i in sorted(order[start : start + size], key=lambda i: -lengths[i])]

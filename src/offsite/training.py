@@ -25,7 +25,7 @@ from transformers import get_scheduler
 
 from .adapter import LoraSettings, save_adapter
 from .checkpoint import checkpoint_position, clear_checkpoints, list_checkpoints, restore_checkpoint, save_checkpoint
-from .data import Example, epoch_order, pad_batch
+from .data import Example, epoch_order, length_grouped_order, pad_batch
 from .emulator import LoadedEmulator, load_emulator
 from .errors import ConfigError
 from .lm import causal_lm_loss, pad_token_id, tokenize_examples  # noqa: F401  (re-exported)
@@ -59,6 +59,7 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps between checkpoints (needed for --resume); 0 = none
     log_every: int = 10
+    group_by_length: bool = False  # batches of similar length (less padding); random across groups of 50 batches
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -293,10 +294,13 @@ def train(
 
     bar = tqdm(total=total_steps, initial=step, disable=bars_disabled(progress and accelerator.is_main_process), desc=desc, unit="step")
     model.train()
-    start, tokens, losses = time.perf_counter(), 0, []
+    start, tokens, padded, losses = time.perf_counter(), 0, 0, []
     history: list[dict] = []  # mean loss and lr every log_every steps (of this process run)
     while step < total_steps:
-        order = epoch_order(len(features), config.seed, epoch)
+        if config.group_by_length:
+            order = length_grouped_order([len(f["input_ids"]) for f in features], config.batch_size, config.seed, epoch)
+        else:
+            order = epoch_order(len(features), config.seed, epoch)
         # Own generator: iterating a DataLoader must not draw from the global RNG (dropout's),
         # or a resumed run would see different dropout masks than an uninterrupted one.
         loader = DataLoader(
@@ -321,6 +325,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             batches_done += 1
             tokens += int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
             losses.append(loss.item())
             if not accelerator.sync_gradients:
                 continue
@@ -347,12 +352,14 @@ def train(
     recent = losses[-config.log_every * config.grad_accum:]
     # Tokens over every process (each saw its own shard of the batches); the effective batch is what one
     # optimizer step averages over.
-    all_tokens = int(accelerator.reduce(torch.tensor([tokens], device=accelerator.device), reduction="sum").item())
+    all_tokens, all_padded = (int(v) for v in accelerator.reduce(torch.tensor([tokens, padded], device=accelerator.device),
+                                                                  reduction="sum").tolist())
     metrics = {
         "steps": step,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(recent) / max(1, len(recent)),
         "train_tokens": all_tokens,
+        "padding_fraction": round(1 - all_tokens / all_padded, 4) if all_padded else 0.0,  # of the positions computed
         "num_processes": accelerator.num_processes,
         "effective_batch": config.batch_size * config.grad_accum * accelerator.num_processes,
         "seconds": round(time.perf_counter() - start, 2),
