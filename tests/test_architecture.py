@@ -97,3 +97,13 @@ def test_the_public_api_is_importable_from_offsite_and_light():
     subprocess.run([sys.executable, "-c", code], check=True)
     for name in offsite.__all__:
         assert getattr(offsite, name) is not None, name
+
+
+def test_the_torch_free_config_registry_matches_the_method_registry():
+    """offsite.methods.configs (what the CLI's help reads) names the same config classes as the registry."""
+    from offsite.methods import METHODS
+    from offsite.methods.configs import ACTIVATION_NAMES, METHOD_CONFIGS
+    from offsite.structure import ACTIVATIONS
+
+    assert {name: m.config_class for name, m in METHODS.items()} == METHOD_CONFIGS
+    assert tuple(sorted(ACTIVATIONS)) == ACTIVATION_NAMES

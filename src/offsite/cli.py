@@ -349,16 +349,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", default=argparse.SUPPRESS, help="HF checkpoint directory or a bundled asset name (smollm2-135m)")
     p.add_argument("--out", default=argparse.SUPPRESS, help="emulator bundle directory to create")
     if p:
-        from .methods import METHODS
-    p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHODS) if p else None, help="emulator method (default: layerdrop)")
+        from .methods.configs import METHOD_CONFIGS
+    p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHOD_CONFIGS) if p else None,
+                   help="emulator method (default: layerdrop)")
     p.add_argument("--dtype", default=argparse.SUPPRESS, help="dtype of the emulator: auto (the checkpoint's own, default), float32, bfloat16, float16")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
     _stream_flags(p, "LayerDrop and GradOT compress without loading the whole model (default); --no-stream loads it")
     if p:
         seen: set[str] = set()
-        for method in METHODS.values():
-            add_dataclass_flags(p, method.config_class, seen)
+        for config_class in METHOD_CONFIGS.values():
+            add_dataclass_flags(p, config_class, seen)
 
     p = command("distill", cmd_distill, "Owner: distil an emulator's middle blocks towards the full model (OT + KD).")
     p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
@@ -368,7 +369,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
     if p:
-        from .distill import DistillConfig
+        from .configs import DistillConfig
 
         add_dataclass_flags(p, DistillConfig)
 
@@ -379,7 +380,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing artifact")
     if p:
-        from .methods.scaleot import ImportanceConfig
+        from .methods.configs import ImportanceConfig
 
         add_dataclass_flags(p, ImportanceConfig)
 
@@ -395,7 +396,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--trusted-key", default=argparse.SUPPRESS,
                    help="the model owner's public key: the emulator bundle must be signed with it (default: $OFFSITE_TRUSTED_KEY)")
     if p:
-        from .training import FinetuneConfig
+        from .configs import FinetuneConfig
 
         add_dataclass_flags(p, FinetuneConfig)
 
@@ -473,7 +474,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def add_trust_flags(p: argparse.ArgumentParser) -> None:
     if not p:
         return
-    from .plugin import MAX_NORM_RATIO
+    from .configs import MAX_NORM_RATIO
 
     p.add_argument("--trusted-key", default=argparse.SUPPRESS,
                    help="the data owner's public key: the adapter bundle must be signed with it (default: $OFFSITE_TRUSTED_KEY)")

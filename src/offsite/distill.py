@@ -26,40 +26,10 @@ from .lm import pack_blocks  # noqa: F401  (re-exported)
 from .methods import Emulator
 from .models import resolve_device
 from .surgery import discover_layout, get_blocks
+from .configs import DistillConfig  # noqa: F401  (re-exported)
 from .training import FinetuneConfig, causal_lm_loss, pad_token_id, train
 
 
-@dataclass
-class DistillConfig:
-    """Owner-side distillation settings. Steps are optimizer steps, independent of the GPU count."""
-
-    lm_weight: float = 1.0
-    kd_weight: float = 30.0
-    lr: float = 1e-4
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.0
-    block_size: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    tokens: int = 2_000_000  # token budget; steps = tokens / (block_size * batch_size * grad_accum * processes)
-    eval_every: int = 50  # steps between held-out perplexity checks (and checkpoints)
-    eval_chars: int = 20_000  # held-out text for checkpoint selection
-    mixed_precision: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.lm_weight < 0 or self.kd_weight < 0 or self.lm_weight + self.kd_weight == 0:
-            raise ConfigError("lm_weight and kd_weight must be >= 0 and not both 0")
-        if self.block_size < 8 or self.tokens < self.block_size:
-            raise ConfigError(f"need block_size >= 8 and tokens >= block_size, got {self.block_size}, {self.tokens}")
-
-    def train_config(self) -> FinetuneConfig:
-        steps = max(1, self.tokens // (self.block_size * self.batch_size * self.grad_accum))
-        return FinetuneConfig(
-            lr=self.lr, schedule=self.schedule, warmup_ratio=self.warmup_ratio, batch_size=self.batch_size,
-            grad_accum=self.grad_accum, max_steps=steps, max_length=self.block_size, mixed_precision=self.mixed_precision,
-            seed=self.seed, checkpoint_every=self.eval_every, log_every=10,
-        )
 
 
 class _Stop(Exception):

@@ -30,13 +30,7 @@ from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, gen
 from .surgery import BlockLayout, discover_layout, linear_module_names
 
 
-# Norm bound: an adapter tensor (full blocks), or a LoRA update (alpha/r) B A, may have a
-# Frobenius norm of at most MAX_NORM_RATIO x max(|W|, NORM_FLOOR_RMS x sqrt(numel(W))), where W
-# is the base weight it replaces or updates. The floor gives zero-initialised tensors (biases)
-# room to train. Genuine fine-tunes stay far below it (tests/test_plugin.py measures the tiny
-# models at lr 1e-2); it stops absurd values (overflow in bf16, a "model" that is just noise).
-MAX_NORM_RATIO = 100.0
-NORM_FLOOR_RMS = 0.1
+from .configs import MAX_NORM_RATIO, NORM_FLOOR_RMS  # noqa: E402,F401  (the bound's constants; see there)
 
 EmulatorRecord = str | Path | dict | LoadedEmulator | None
 

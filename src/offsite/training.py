@@ -27,54 +27,15 @@ from .adapter import LoraSettings, save_adapter
 from .checkpoint import checkpoint_position, clear_checkpoints, list_checkpoints, restore_checkpoint, save_checkpoint
 from .data import Example, epoch_order, length_grouped_order, pad_batch
 from .emulator import LoadedEmulator, load_emulator
+from .configs import PRECISIONS, SCHEDULES, FinetuneConfig  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .lm import causal_lm_loss, pad_token_id, tokenize_examples  # noqa: F401  (re-exported)
 from .progress import bars_disabled
 from .signing import load_private_key
 from .surgery import get_blocks, linear_module_names
 
-SCHEDULES = ("linear", "cosine", "constant_with_warmup")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
-@dataclass
-class FinetuneConfig:
-    """How the data owner trains the adapter. Every field is also a CLI flag and a YAML key."""
-
-    lora: bool = False  # LoRA on the adapter blocks' linear layers instead of training them fully
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lr: float | None = None  # default: 5e-5 for full blocks, 3e-4 for LoRA
-    weight_decay: float = 0.0
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    batch_size: int = 8  # per device, per micro-step
-    grad_accum: int = 1
-    warmup_ratio: float = 0.05
-    schedule: str = "linear"
-    max_length: int = 256
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # bf16 autocast on GPUs that support it
-    seed: int = 0
-    checkpoint_every: int = 0  # optimizer steps between checkpoints (needed for --resume); 0 = none
-    log_every: int = 10
-    group_by_length: bool = False  # batches of similar length (less padding); random across groups of 50 batches
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ConfigError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (3e-4 if self.lora else 5e-5)
 
 
 def resolve_precision(requested: str) -> str:

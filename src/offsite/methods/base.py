@@ -14,27 +14,9 @@ from transformers import PreTrainedModel
 
 from ..errors import ConfigError
 from ..surgery import BlockLayout, discover_layout
+from .configs import EmulatorConfig  # noqa: F401  (re-exported: the base of every method's config)
 
 
-@dataclass
-class EmulatorConfig:
-    """Settings shared by every method: the adapter is the bottom `num_bottom` and top `num_top` blocks."""
-
-    num_bottom: int = 2
-    num_top: int = 2
-
-    def adapter_blocks(self, num_blocks: int) -> list[int]:
-        if self.num_bottom < 0 or self.num_top < 0 or self.num_bottom + self.num_top == 0:
-            raise ConfigError(f"adapter needs at least one block, got num_bottom={self.num_bottom} num_top={self.num_top}")
-        if self.num_bottom + self.num_top >= num_blocks:
-            raise ConfigError(
-                f"adapter of {self.num_bottom}+{self.num_top} blocks leaves no middle in a model of {num_blocks} blocks"
-            )
-        return list(range(self.num_bottom)) + list(range(num_blocks - self.num_top, num_blocks))
-
-    def middle_blocks(self, num_blocks: int) -> list[int]:
-        self.adapter_blocks(num_blocks)
-        return list(range(self.num_bottom, num_blocks - self.num_top))
 
 
 @dataclass
@@ -78,7 +60,19 @@ def register(name: str, config_class: type[EmulatorConfig], needs_tokenizer: boo
     return wrap
 
 
+BUILTIN_METHODS = ("layerdrop", "gradot", "scaleot", "crash")
+
+
+def load_builtin_methods() -> None:
+    """Import every built-in method module, each of which registers itself (idempotent)."""
+    import importlib
+
+    for name in BUILTIN_METHODS:
+        importlib.import_module(f"{__package__}.{name}")
+
+
 def get_method(name: str) -> Method:
+    load_builtin_methods()
     if name not in METHODS:
         raise ConfigError(f"unknown emulator method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]

@@ -27,43 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from ..errors import ConfigError
 from ..surgery import BlockLayout, build_reduced_model, get_blocks
-from .base import Emulator, EmulatorConfig, model_tokenizer, register
+from .base import Emulator, model_tokenizer, register
+from .configs import KEEP, CrashConfig  # noqa: F401  (re-exported)
 
-KEEP = ("medoid", "first", "last")
 
 
-@dataclass
-class CrashConfig(EmulatorConfig):
-    """CRaSh: `num_clusters` clusters of consecutive middle blocks, one block kept per cluster."""
-
-    num_clusters: int | None = None
-    share: bool = True  # repeat the kept block at every position of its cluster (depth kept)
-    keep: str = "medoid"  # which block of a cluster is kept: medoid | first | last
-    support_size: int = 32  # sequences of generic text
-    support_max_length: int = 128  # tokens per sequence
-    support_batch_size: int = 8
-    max_tokens: int = 2048  # token positions whose representations enter the CKA
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.num_clusters is None or isinstance(self.num_clusters, bool) or not isinstance(self.num_clusters, int):
-            raise ConfigError(f"crash needs num_clusters, a whole number of clusters (= middle blocks kept), got {self.num_clusters!r}")
-        if self.num_clusters < 1:
-            raise ConfigError(f"num_clusters must be at least 1, got {self.num_clusters}")
-        if self.keep not in KEEP:
-            raise ConfigError(f"keep must be one of {KEEP}, got {self.keep!r}")
-        for name in ("support_size", "support_max_length", "support_batch_size", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.support_max_length < 2:
-            raise ConfigError("support_max_length must be at least 2 (the first position of each sequence is skipped)")
 
 
 class _Stop(Exception):

@@ -75,64 +75,11 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import ConfigError, UnsupportedModelError
 from ..structure import LINEAR_TYPES, apply_structure, count_parameters, dense_weight, linear_shape
 from ..surgery import BlockLayout, build_reduced_model, get_blocks
-from .base import Emulator, EmulatorConfig, model_tokenizer, register
-from .layerdrop import select_middle
-
-SCORES = ("gradient", "magnitude")
-LAMBDA_SCALES = ("absolute", "balanced")
+from .base import Emulator, model_tokenizer, register
+from .configs import LAMBDA_SCALES, SCORES, GradOTConfig  # noqa: F401  (re-exported)
 
 
-@dataclass
-class GradOTConfig(EmulatorConfig):
-    """GradOT settings. The support set is generic text, or a built-in task's training examples."""
 
-    target_fraction: float = 0.65  # emulator middle parameters / original middle parameters
-    num_kept: int | None = None  # optional LayerDrop first (uniform stride), as in "layerdrop"
-    kept_blocks: list[int] | None = None
-    score: str = "gradient"  # "gradient" (GCS) or "magnitude" (ablation: singular values / channel norms)
-    lambda_attn: float = 1.0
-    lambda_mlp: float = 1.0
-    # "absolute": lambda in the curvature term's units (model-dependent: ~1e-3 of it at 1 on SmolLM2);
-    # "balanced": lambda times mean|curvature| / mean|loss term| over all items of its kind, so 1 weighs both equally.
-    lambda_scale: str = "absolute"
-    min_rank_fraction: float = 0.05  # share of each attention matrix's rank (and MLP channels) always kept
-    support_task: str = "generic"  # "generic" text, or a task name (its train examples)
-    support_size: int = 64  # sequences
-    support_max_length: int = 128  # tokens per sequence
-    support_batch_size: int = 8
-    blocks_per_pass: int = 0  # K-FAC statistics for this many middle blocks per support pass (0: all at once)
-    seed: int = 0
-
-    def __post_init__(self):
-        from ..tasks import TASKS
-
-        if not 0 < self.target_fraction <= 1:
-            raise ConfigError(f"target_fraction must be in (0, 1], got {self.target_fraction}")
-        if self.lambda_scale not in LAMBDA_SCALES:
-            raise ConfigError(f"lambda_scale must be one of {LAMBDA_SCALES}, got {self.lambda_scale!r}")
-        if self.score not in SCORES:
-            raise ConfigError(f"score must be one of {SCORES}, got {self.score!r}")
-        if not 0 < self.min_rank_fraction <= 1:
-            raise ConfigError(f"min_rank_fraction must be in (0, 1], got {self.min_rank_fraction}")
-        if not (math.isfinite(self.lambda_attn) and math.isfinite(self.lambda_mlp)):
-            raise ConfigError("lambda_attn and lambda_mlp must be finite")
-        for name in ("support_size", "support_max_length", "support_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.blocks_per_pass < 0:
-            raise ConfigError(f"blocks_per_pass must be >= 0 (0: all middle blocks in one pass), got {self.blocks_per_pass}")
-        if self.support_task != "generic" and self.support_task not in TASKS:
-            raise ConfigError(f"support_task must be 'generic' or one of {sorted(TASKS)}, got {self.support_task!r}")
-
-    def kept_middle(self, num_blocks: int) -> list[int]:
-        if self.num_kept is None and self.kept_blocks is None:
-            return self.middle_blocks(num_blocks)
-        return select_middle(self, num_blocks)
-
-    def block_map(self, num_blocks: int) -> list[int]:
-        """The original blocks the emulator is built from: the adapter and the middle LayerDrop keeps."""
-        adapter = self.adapter_blocks(num_blocks)
-        return adapter[: self.num_bottom] + self.kept_middle(num_blocks) + adapter[self.num_bottom :]
 
 
 # ------------------------------------------------------------------ where the linears are

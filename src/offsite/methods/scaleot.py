@@ -82,93 +82,15 @@ from ..structure import (
 )
 from ..surgery import BlockLayout, attention_linear_names, build_reduced_model, discover_layout, get_blocks
 from .base import Emulator, EmulatorConfig, register
+from .configs import OBJECTIVES, RANKINGS, ImportanceConfig, ScaleOTConfig  # noqa: F401  (re-exported)
 
 ARTIFACT_KIND = "scaleot-artifact"
 HARMONIZERS_FILE = "harmonizers.safetensors"
 HARMONIZER_PARAMS = ("down.weight", "down.bias", "up.weight", "up.bias")
 # Settings that may change when a run is resumed (they do not change what a step computes).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "direct_sequences")
-OBJECTIVES = ("lm", "match", "local")
-RANKINGS = ("learned", "direct")
 
 
-# ------------------------------------------------------------------ stage (a): settings
-@dataclass
-class ImportanceConfig:
-    """ScaleOT stage (a). Steps count (harmonizer step + importance step) pairs."""
-
-    num_bottom: int = 2  # adapter the artifact is made for: harmonizers cover the blocks in between
-    num_top: int = 2
-    rank: int = 64  # harmonizer rank
-    rank_fraction: float | None = None  # rank as a fraction of the hidden size (overrides `rank`)
-    activation: str = "relu"
-    # What the harmonizers learn: "lm" the mixed network's LM loss; "match" that plus match_weight x the
-    # normalised MSE between the mixed network's hidden state after each harmonized span and the original
-    # network's at the same block; "local" each harmonizer regressed on its own block's input -> output
-    # (normalised MSE, on the original network's activations; no mixed network in its step).
-    objective: str = "lm"
-    match_weight: float = 30.0
-    # Importance: K mixed networks per step, all scored on the same held-out batch. K = 1: REINFORCE
-    # against an EMA baseline; K >= 2: against the leave-one-out mean of the other K - 1 rewards.
-    policy_samples: int = 1
-    # After training, measure each block directly: held-out loss with that block alone swapped for its
-    # harmonizer, on this many held-out sequences (0: skip); the artifact records the Spearman
-    # correlation of this with the learned importance.
-    direct_sequences: int = 32
-    group_size: int = 4
-    steps: int = 300
-    batch_size: int = 8
-    block_size: int = 128  # tokens per packed sequence
-    lr: float = 1e-3  # harmonizers (AdamW)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    policy_lr: float = 0.05  # importance logits (Adam)
-    baseline_decay: float = 0.9
-    init_logit: float = 0.0
-    data: str = "generic"  # "generic" text, a task name (its training examples), or a JSONL file
-    data_chars: int | None = None  # characters of generic text to use (None: all)
-    heldout_fraction: float = 0.1  # share of the packed blocks kept for the reward
-    checkpoint_every: int = 50  # steps between checkpoints (0: none, no resume)
-    log_every: int = 10
-    mixed_precision: str = "auto"  # bf16 autocast on GPUs that support it; "no" for float32
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.rank_fraction is not None and not (isinstance(self.rank_fraction, (int, float)) and 0 < self.rank_fraction <= 1):
-            raise ConfigError(f"rank_fraction must be in (0, 1], got {self.rank_fraction!r}")
-        if not (math.isfinite(self.match_weight) and self.match_weight >= 0):
-            raise ConfigError(f"match_weight must be a finite number >= 0, got {self.match_weight}")
-        if self.policy_samples < 1 or self.direct_sequences < 0:
-            raise ConfigError(f"policy_samples must be >= 1 and direct_sequences >= 0, got {self.policy_samples}, {self.direct_sequences}")
-        if self.group_size < 2:
-            raise ConfigError(f"group_size must be at least 2 (half of each group is replaced), got {self.group_size}")
-        for name in ("rank", "steps", "batch_size", "block_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        for name in ("lr", "policy_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
-        if not 0 <= self.baseline_decay < 1:
-            raise ConfigError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
-        if not 0 < self.heldout_fraction < 1:
-            raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise ConfigError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
-        if not math.isfinite(self.init_logit):
-            raise ConfigError("init_logit must be finite")
-
-    def middle(self, num_blocks: int) -> list[int]:
-        return EmulatorConfig(self.num_bottom, self.num_top).middle_blocks(num_blocks)
-
-    def harmonizer_rank(self, hidden_size: int) -> int:
-        return max(1, round(self.rank_fraction * hidden_size)) if self.rank_fraction is not None else self.rank
 
 
 def make_groups(middle: list[int], group_size: int) -> list[list[int]]:
@@ -723,36 +645,6 @@ def load_artifact(path: str | Path) -> Artifact:
                     harmonizers, direct)
 
 
-# ------------------------------------------------------------------ stage (b): the emulator
-@dataclass
-class ScaleOTConfig(EmulatorConfig):
-    """ScaleOT emulator (N_a = num_bottom + num_top, alpha, beta) from a stage-(a) artifact.
-
-    alpha: fraction of the middle blocks replaced by their harmonizers (the round(alpha * M) least
-    important, round half up), in [0, 1]. beta: fraction of rank KEPT in the attention projections
-    of the kept middle blocks, in (0, 1]: rank ceil(beta * min(in, out)); 1 = verbatim.
-    """
-
-    artifact: str | None = None  # directory written by `offsite scaleot-importance`
-    alpha: float = 0.5
-    beta: float = 1.0
-    # Never replace the first and last middle block (the adapter's neighbours), as LayerDrop always keeps them.
-    protect_adapter_neighbours: bool = True
-    ranking: str = "learned"  # "learned" importance logits, or "direct" (each block swapped alone, see stage (a))
-    replaced_blocks: list[int] | None = None  # ablations: exactly these middle blocks become harmonizers (alpha unused)
-
-    def __post_init__(self):
-        if not self.artifact:
-            raise ConfigError("scaleot needs an artifact: the directory written by `offsite scaleot-importance` (--artifact)")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ConfigError(f"alpha (fraction of middle blocks replaced by harmonizers) must be in [0, 1], got {self.alpha!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta <= 1:
-            raise ConfigError(f"beta (fraction of attention rank kept in the kept middle blocks) must be in (0, 1], got {self.beta!r}")
-        if self.ranking not in RANKINGS:
-            raise ConfigError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
-        if self.replaced_blocks is not None and (not isinstance(self.replaced_blocks, list) or not all(
-                type(b) is int for b in self.replaced_blocks) or sorted(set(self.replaced_blocks)) != self.replaced_blocks):
-            raise ConfigError(f"replaced_blocks must be distinct ascending block indices, got {self.replaced_blocks!r}")
 
 
 def num_replaced(alpha: float, num_middle: int) -> int:

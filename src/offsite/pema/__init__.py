@@ -16,12 +16,13 @@ generates by interpolating the adapter's distribution with the model's.
 # public name -> the module that defines it; loaded on first use, so importing the package (as the
 # CLI does to register the pema-* commands) imports no torch.
 _EXPORTS = {
-    **dict.fromkeys(["GenerateConfig", "generate_ids", "generate_texts", "unrolling_schedule"], "generate"),
+    **dict.fromkeys(["GenerateConfig", "MemoryConfig", "PemaConfig"], "configs"),
+    **dict.fromkeys(["generate_ids", "generate_texts", "unrolling_schedule"], "generate"),
     **dict.fromkeys(["Head", "LoadedHead", "export_head", "export_head_checkpoint", "load_head"], "head"),
-    **dict.fromkeys(["ExternalMemory", "MemoryConfig", "build_memory"], "memory"),
+    **dict.fromkeys(["ExternalMemory", "build_memory"], "memory"),
     **dict.fromkeys(["DecodingSession", "RepresentationRequest", "RepresentationResponse", "RepresentationServer"], "owner"),
     **dict.fromkeys(["exact_match", "load_generation_examples", "normalize_answer", "score_generations"], "task"),
-    **dict.fromkeys(["LoadedPemaAdapter", "PemaAdapter", "PemaConfig", "load_pema_adapter", "save_pema_adapter", "train_pema",
+    **dict.fromkeys(["LoadedPemaAdapter", "PemaAdapter", "load_pema_adapter", "save_pema_adapter", "train_pema",
                      "train_pema_bundle"], "train"),
 }
 __all__ = sorted(_EXPORTS)

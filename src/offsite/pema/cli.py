@@ -73,7 +73,7 @@ def cmd_pema_memory(opts: dict) -> None:
 
     head = load_head(take(opts, "head"), trusted_key=take(opts, "trusted_key", None))
     out = take(opts, "out")
-    from .memory import MemoryConfig
+    from .configs import MemoryConfig
 
     config = build_dataclass(MemoryConfig, split_for(MemoryConfig, opts))
     examples = _examples(opts, "train")
@@ -92,7 +92,7 @@ def cmd_pema_train(opts: dict) -> None:
 
     memory, head, out = take(opts, "memory"), take(opts, "head"), take(opts, "out")
     overwrite, sign_key, trusted_key = take(opts, "overwrite", False), take(opts, "sign_key", None), take(opts, "trusted_key", None)
-    from .train import PemaConfig
+    from .configs import PemaConfig
 
     config = build_dataclass(PemaConfig, split_for(PemaConfig, opts))
     _reject_leftovers(opts)
@@ -111,7 +111,7 @@ def cmd_pema_generate(opts: dict) -> None:
     head = load_head(take(opts, "head"), trusted_key=trusted_key)
     adapter_dir, out = take(opts, "adapter", None), take(opts, "out", None)
     adapter = load_pema_adapter(adapter_dir, head) if adapter_dir else None
-    from .generate import GenerateConfig
+    from .configs import GenerateConfig
 
     config = build_dataclass(GenerateConfig, split_for(GenerateConfig, opts))
     task = opts.get("task")
@@ -196,7 +196,7 @@ def add_commands(command) -> None:
     data_flags(p, split=False)
     trust_flag(p)
     if p:
-        from .memory import MemoryConfig
+        from .configs import MemoryConfig
 
         add_dataclass_flags(p, MemoryConfig)
 
@@ -217,7 +217,7 @@ def add_commands(command) -> None:
     p.add_argument("--sign-key", default=S, help="your private key: sign the adapter bundle")
     trust_flag(p)
     if p:
-        from .train import PemaConfig
+        from .configs import PemaConfig
 
         add_dataclass_flags(p, PemaConfig)
 
@@ -229,6 +229,6 @@ def add_commands(command) -> None:
     data_flags(p, split=True)
     trust_flag(p)
     if p:
-        from .generate import GenerateConfig
+        from .configs import GenerateConfig
 
         add_dataclass_flags(p, GenerateConfig)

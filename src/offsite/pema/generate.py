@@ -38,35 +38,13 @@ from tqdm.auto import tqdm
 
 from ..data import _ids
 from ..errors import ConfigError
+from .configs import GenerateConfig  # noqa: F401  (re-exported)
 from ..progress import bars_disabled
 from .head import LoadedHead
 from .owner import StatelessSession
 from .train import LoadedPemaAdapter
 
 
-@dataclass
-class GenerateConfig:
-    """How PEMA generates. Every field is also a CLI flag and a YAML key."""
-
-    lambda_max: float = 0.9
-    gradual_unrolling: bool = True
-    expected_length: float | None = None  # tokens; default: the adapter's mean target length in its memory
-    unroll_over: str = "prompt+answer"  # L = prompt length + expected length (reference code), or "answer": expected length only
-    max_new_tokens: int = 32
-    batch_size: int = 16
-    max_prompt_tokens: int = 512  # longer prompts keep their last tokens (as in the memory)
-    stop_at_newline: bool = True  # a generated line break ends the answer
-
-    def __post_init__(self):
-        if not 0 <= self.lambda_max <= 1:
-            raise ConfigError(f"lambda_max must be in [0, 1], got {self.lambda_max}")
-        if self.expected_length is not None and not self.expected_length > 0:
-            raise ConfigError(f"expected_length must be positive, got {self.expected_length}")
-        if self.unroll_over not in ("prompt+answer", "answer"):
-            raise ConfigError(f"unroll_over must be 'prompt+answer' or 'answer', got {self.unroll_over!r}")
-        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def unrolling_schedule(lambda_max: float, expected_length: float, steps: int, gradual: bool = True) -> list[float]:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..data import Example, encode_pair
 from ..durable import atomic_write
 from ..errors import ConfigError
+from .configs import CONTEXTS, MemoryConfig  # noqa: F401  (re-exported)
 from ..progress import bars_disabled
 from .owner import RepresentationRequest
 
@@ -39,27 +40,8 @@ FORMAT = "offsite-pema-memory"
 META, PROGRESS = "memory.json", "progress.json"
 KEYS, VALUES, LENGTHS = "keys.npy", "values.npy", "lengths.npy"
 OWN_FILES = (META, PROGRESS, KEYS, VALUES, LENGTHS)
-CONTEXTS = ("greedy", "gold")
 
 
-@dataclass
-class MemoryConfig:
-    """How the external memory is built. Every field is also a CLI flag and a YAML key."""
-
-    contexts: str = "greedy"  # greedy: prompt + the model's own predictions (PEMA); gold: teacher forcing
-    batch_size: int = 8  # prompts per representation request
-    max_prompt_tokens: int = 512  # longer prompts keep their last tokens
-    max_target_tokens: int = 64  # longer targets keep their first tokens
-    # One more row per example: the context after the whole target, labelled with the tokenizer's EOS,
-    # so PEMA learns where an answer ends (generation stops at EOS). Needs a tokenizer with an EOS.
-    end_row: bool = True
-
-    def __post_init__(self):
-        if self.contexts not in CONTEXTS:
-            raise ConfigError(f"contexts must be one of {CONTEXTS}, got {self.contexts!r}")
-        for name in ("batch_size", "max_prompt_tokens", "max_target_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def encode_examples(tokenizer, examples: list[Example], config: MemoryConfig) -> list[tuple[list[int], list[int]]]:

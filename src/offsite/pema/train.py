@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..bundle import read_manifest, write_bundle
 from ..errors import BundleError, ConfigError
+from .configs import PemaConfig  # noqa: F401  (re-exported)
 from ..progress import bars_disabled
 from .head import LoadedHead, read_tensors
 from .memory import ExternalMemory
@@ -51,35 +52,6 @@ WEIGHTS = "pema.safetensors"
 MIN_ROWS_PER_DIMENSION = 10  # fewer training rows than this times d: warn that PEMA will not generalise
 
 
-@dataclass
-class PemaConfig:
-    """How the PEMA adapter is trained. Every field is also a CLI flag and a YAML key."""
-
-    rank: int | None = None  # default d // 4 (the paper's r/d is 1/4 to 1/14)
-    dropout: float = 0.2
-    kappa: float = 0.2  # weight of L_rct in phase 2
-    lr: float = 1e-3
-    epochs: int = 100  # a cap per phase; validation with patience is what stops it (the metrics say which did)
-    batch_size: int = 256  # memory rows per step
-    patience: int = 5  # validations without improvement before a phase stops
-    eval_every: int = 200  # steps between validations; 0 = once per epoch
-    # Reconstruction measured on what the head sees, norm(h_rct) against norm(f) (the head normalises
-    # first, so a scale error the head never sees is not a reconstruction error); False: the raw states.
-    reconstruct_normed: bool = True
-    val_fraction: float = 0.1  # of the examples
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self):
-        if self.rank is not None and self.rank < 1:
-            raise ConfigError(f"rank must be at least 1, got {self.rank}")
-        for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1 or not 0 <= self.kappa <= 1 or not 0 < self.val_fraction < 1:
-            raise ConfigError("dropout must be in [0, 1), kappa in [0, 1] and val_fraction in (0, 1)")
-        if self.lr <= 0 or self.eval_every < 0:
-            raise ConfigError("lr must be positive and eval_every non-negative")
 
 
 class PemaAdapter(nn.Module):

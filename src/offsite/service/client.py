@@ -33,7 +33,7 @@ Progress = Callable[[str, int, int], None]  # (file, bytes so far, file size)
 _TRANSIENT = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
 
 
-URL_ENV, TOKEN_ENV = "OFFSITE_URL", "OFFSITE_TOKEN"  # where --url/--token default from
+from .config import TOKEN_ENV, URL_ENV  # noqa: E402,F401  (re-exported)
 MAX_ANSWER_BYTES = 64 * 1024 * 1024  # any JSON answer (lists, reports, representations)
 
 

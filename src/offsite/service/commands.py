@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..options import _reject_leftovers, split_for, take
 from ..errors import ConfigError, UsageError
-from .client import TOKEN_ENV, URL_ENV
+from .config import TOKEN_ENV, URL_ENV
 from .config import ServeConfig
 
 SERVE_INSTALL = "pip install 'offsite[serve]'"

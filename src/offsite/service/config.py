@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
+URL_ENV, TOKEN_ENV = "OFFSITE_URL", "OFFSITE_TOKEN"  # where --url/--token default from
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
