@@ -264,3 +264,44 @@ def test_length_grouped_batches_pad_less_and_stay_deterministic(tmp_path):
                     progress=False)
     assert grouped.metrics["train_tokens"] == plain.metrics["train_tokens"]
     assert grouped.metrics["padding_fraction"] < plain.metrics["padding_fraction"]
+
+
+def test_tensorboard_events_hold_the_logged_loss_curve(tmp_path, examples, base_dir):
+    """#20: --report-to tensorboard writes accelerate's TensorBoard events beside train_log.jsonl, same values."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from offsite.emulator import compress_checkpoint
+    from offsite.methods import make_config
+    from offsite.training import TRAIN_LOG, FinetuneConfig, finetune
+
+    emulator = compress_checkpoint(base_dir, tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    config = FinetuneConfig(epochs=1, batch_size=4, max_length=24, log_every=2, report_to="tensorboard")
+    finetune(emulator, examples, tmp_path / "run", config, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / TRAIN_LOG).read_text().splitlines()]
+    files = list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert files
+    events = EventAccumulator(str(files[0].parent))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in loss] == [e["step"] for e in logged]
+    assert all(abs(v - e["loss"]) < 1e-5 for (_, v), e in zip(loss, logged))
+    with pytest.raises(Exception, match="report_to must be one of"):
+        FinetuneConfig(report_to="wandb")
+
+
+def test_tensorboard_missing_is_one_clear_error_before_training(tmp_path, examples, base_dir, monkeypatch):
+    import importlib.util
+
+    from offsite.emulator import compress_checkpoint
+    from offsite.errors import ConfigError
+    from offsite.methods import make_config
+    from offsite.training import FinetuneConfig, finetune
+
+    emulator = compress_checkpoint(base_dir, tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs the tensorboard package: pip install tensorboard"):
+        finetune(emulator, examples, tmp_path / "run", FinetuneConfig(max_steps=1, report_to="tensorboard"), progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()

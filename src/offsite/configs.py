@@ -12,6 +12,8 @@ SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+REPORTERS = ("none", "tensorboard")
+TENSORBOARD_INSTALL = "pip install tensorboard==2.21.0 (the 'logs' extra)"
 
 
 @dataclass
@@ -37,10 +39,13 @@ class FinetuneConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints (needed for --resume); 0 = none
     log_every: int = 10
     group_by_length: bool = False  # batches of similar length (less padding); random across groups of 50 batches
+    report_to: str = "none"  # "tensorboard": loss and lr every log step as TensorBoard events in the run directory
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.report_to not in REPORTERS:
+            raise ConfigError(f"report_to must be one of {REPORTERS}, got {self.report_to!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "lora_r"):

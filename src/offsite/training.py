@@ -27,7 +27,7 @@ from .adapter import LoraSettings, save_adapter
 from .checkpoint import checkpoint_position, clear_checkpoints, list_checkpoints, restore_checkpoint, save_checkpoint
 from .data import Example, epoch_order, length_grouped_order, pad_batch
 from .emulator import LoadedEmulator, load_emulator
-from .configs import PRECISIONS, SCHEDULES, FinetuneConfig  # noqa: F401  (re-exported)
+from .configs import PRECISIONS, SCHEDULES, TENSORBOARD_INSTALL, FinetuneConfig  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .lm import causal_lm_loss, pad_token_id, tokenize_examples  # noqa: F401  (re-exported)
 from .progress import bars_disabled
@@ -147,7 +147,8 @@ def finetune(
             raise ConfigError("the starting LoRA adapter has other tensors than this run's LoRA (rank, alpha and targets must match)")
         set_peft_model_state_dict(model, lora_start)
     features = tokenize_examples(emulator.tokenizer, examples, config.max_length)
-    run = train(model, features, pad_token_id(emulator.tokenizer), config, ckpt_dir=ckpt_dir, resume=resume, progress=progress)
+    run = train(model, features, pad_token_id(emulator.tokenizer), config, ckpt_dir=ckpt_dir, resume=resume, progress=progress,
+                log_dir=output_dir)
     if run.accelerator.is_main_process:
         # The loss curve, appended (a resumed run continues the file): one JSON line per log step.
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +200,7 @@ def train(
     desc: str = "finetune",
     loss_fn=causal_lm_loss,
     callback=None,
+    log_dir: Path | None = None,
 ) -> TrainResult:
     """Train whatever parameters of `model` require grad on tokenised `features` (input_ids, labels).
 
@@ -206,6 +208,8 @@ def train(
     precision and multi-process data parallelism via accelerate; periodic checkpoints to
     `ckpt_dir` and exact resume from the latest one. `loss_fn(model, batch, head)` defaults to
     the answer-only causal-LM loss; `callback(step, unwrapped_model)` runs at every checkpoint step.
+    With `config.report_to="tensorboard"`, accelerate's TensorBoard tracker writes the loss and lr of
+    every log step under `log_dir/tensorboard`.
     """
     if not features:
         raise ConfigError("no training examples")
@@ -221,7 +225,19 @@ def train(
     # The distributed part (PartialState: ranks, process group) is kept.
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum, cpu=on_cpu)
+    tracking = config.report_to == "tensorboard"
+    if tracking:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(f"report_to tensorboard needs the tensorboard package: {TENSORBOARD_INSTALL}")
+        if log_dir is None:
+            raise ConfigError("report_to tensorboard needs a run directory to write the events to")
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum, cpu=on_cpu,
+                              log_with="tensorboard" if tracking else None, project_dir=str(log_dir) if tracking else None)
+    if tracking:
+        accelerator.init_trackers("tensorboard", config={k: v for k, v in dataclasses.asdict(config).items()
+                                                         if isinstance(v, (int, float, str, bool))})
     set_seed(config.seed)
     params = trainable_parameters(model)
     if not params:
@@ -295,6 +311,8 @@ def train(
             recent = losses[-config.log_every * config.grad_accum:]
             if step % config.log_every == 0 or step == total_steps:
                 history.append({"step": step, "loss": round(sum(recent) / len(recent), 6), "lr": scheduler.get_last_lr()[0]})
+                if tracking:
+                    accelerator.log({"train/loss": history[-1]["loss"], "train/lr": history[-1]["lr"]}, step=step)
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", lr=f"{history[-1]['lr']:.2e}")
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 if ckpt_dir and accelerator.is_main_process:
@@ -308,6 +326,8 @@ def train(
                 break
         epoch, skip = epoch + 1, 0
     bar.close()
+    if tracking:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     model.eval()
     recent = losses[-config.log_every * config.grad_accum:]
