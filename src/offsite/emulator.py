@@ -277,7 +277,8 @@ def load_emulator(
                 trust_remote_code=False,
                 output_loading_info=True,
             )
-        tokenizer = AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
+        with transformers_quiet():  # it reads config.json too, and would warn about a restructured bundle's model type
+            tokenizer = AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
     except BundleError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever transformers makes of hostile input becomes one line
