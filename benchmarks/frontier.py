@@ -203,6 +203,24 @@ def outcomes(runs: list[dict], tasks: list[str], setting: str) -> list | None:
     return per_task
 
 
+# ScaleOT's study: which part moves the plug-in. (label, point, reference point), paired over the same docs.
+STUDY_PAIRS = [
+    ("ScaleOT's placement alone (LayerDrop keeping ScaleOT's blocks − uniform LayerDrop)", "ld@scaleot-match-50", "layerdrop-50"),
+    ("harmonizers at ScaleOT's placement (ScaleOT − LayerDrop keeping ScaleOT's blocks)", "scaleot-match-50", "ld@scaleot-match-50"),
+    ("harmonizers at uniform placement (harmonizers at LayerDrop's dropped blocks − uniform LayerDrop)", "harm@ld-match-50", "layerdrop-50"),
+    ("learned vs direct ranking (ScaleOT ranked by direct swaps − learned importance)", "scaleot-match+direct-50", "scaleot-match-50"),
+]
+
+
+def study_lines(rows: list[dict]) -> str:
+    """The ScaleOT study's paired differences of plug-in accuracy, for the pairs measured so far."""
+    by_point = {r["point"]: r for r in rows}
+    lines = [f"- {label}: {paired_bootstrap(by_point[a]['_plugin'], by_point[b]['_plugin'])} (plug-in), "
+             f"{paired_bootstrap(by_point[a]['_emu_ft'], by_point[b]['_emu_ft'])} (emulator FT)"
+             for label, a, b in STUDY_PAIRS if a in by_point and b in by_point and by_point[a]["_emu_ft"] and by_point[b]["_emu_ft"]]
+    return ("\n\nScaleOT study, differences in points with paired 95% intervals:\n\n" + "\n".join(lines)) if lines else ""
+
+
 def mean_acc(per_task) -> float:
     return 100 * sum(x.mean() for x in per_task) / len(per_task)
 
@@ -362,7 +380,7 @@ def main() -> None:
             return
 
     rows, full = frontier_rows(results, tasks, args)
-    table = markdown(rows, full, tasks, args) + "\n\nEvery number measured so far (raw accuracy %, 500 docs per task):\n\n" + \
+    table = markdown(rows, full, tasks, args) + study_lines(rows) + "\n\nEvery number measured so far (raw accuracy %, 500 docs per task):\n\n" + \
         per_task_table(results, tasks, args)
     results.mkdir(parents=True, exist_ok=True)
     (results / "table.md").write_text(table + "\n")
