@@ -206,3 +206,25 @@ print("HEAVY", heavy)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "HEAVY []" in out.stdout and "compress" in out.stdout and "pema-train" in out.stdout and "Exit codes" in out.stdout
+
+
+def test_yaml_values_are_type_checked_with_one_line_errors(tmp_path, capsys):
+    """#21: PyYAML reads `lr: 1e-4` as a string and a quoted "no" is truthy; both used to reach the optimiser or
+    train LoRA silently. Values are now checked against the config's field types before anything runs."""
+    from offsite.configs import FinetuneConfig
+    from offsite.options import build_dataclass, load_yaml
+
+    (tmp_path / "ok.yaml").write_text("lr: 1e-4\nmax_steps: 3\nlora: false\n")
+    config = build_dataclass(FinetuneConfig, load_yaml(str(tmp_path / "ok.yaml")))
+    assert config.lr == 1e-4 and isinstance(config.lr, float) and config.max_steps == 3 and config.lora is False
+    for text, message in (('lora: "no"\n', "lora must be true or false, got 'no'"),
+                          ("max_steps: two\n", "max_steps must be a whole number, got 'two'"),
+                          ("lr: fast\n", "lr must be a number, got 'fast'"),
+                          ("max_steps: 2.5\n", "max_steps must be a whole number")):
+        (tmp_path / "bad.yaml").write_text(text)
+        assert main(["finetune", "--config", str(tmp_path / "bad.yaml"), "--bundle", "x", "--data", "y", "--out", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "method.yaml").write_text("num_kept: '3'\n")
+    assert main(["compress", "--config", str(tmp_path / "method.yaml"), "--model", "x", "--out", str(tmp_path / "e")]) == 1
+    assert "num_kept must be a whole number" in capsys.readouterr().err

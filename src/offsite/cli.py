@@ -25,6 +25,7 @@ from .options import (  # noqa: F401  (shared with the pema and service command 
     split_for,
     take,
     terminal_safe,
+    typed_values,
 )
 
 
@@ -36,14 +37,16 @@ def cmd_compress(opts: dict) -> None:
     from .models import resolve_model
 
     method = take(opts, "method", "layerdrop")
-    model_path, name = resolve_model(take(opts, "model"))
+    model_arg = take(opts, "model")
     out = take(opts, "out")
     dtype = take(opts, "dtype", "auto")
     dtype = dtype if dtype == "auto" else parse_dtype(dtype)
     overwrite, sign_key = take(opts, "overwrite", False), take(opts, "sign_key", None)
     stream, shard = take(opts, "stream", None), _shard_bytes(take(opts, "max_shard_size", None))
-    config = make_config(method, **split_for(get_method(method).config_class, opts))
+    config_class = get_method(method).config_class
+    config = make_config(method, **typed_values(config_class, split_for(config_class, opts)))
     _reject_leftovers(opts)
+    model_path, name = resolve_model(model_arg)  # after the cheap checks: an asset name may be converted first
     path = compress_checkpoint(model_path, out, method, config, dtype=dtype, base_name=name, overwrite=overwrite, sign_key=sign_key,
                                stream=stream, **shard)
     print(f"emulator bundle written to {path}")
