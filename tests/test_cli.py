@@ -228,3 +228,21 @@ def test_yaml_values_are_type_checked_with_one_line_errors(tmp_path, capsys):
     (tmp_path / "method.yaml").write_text("num_kept: '3'\n")
     assert main(["compress", "--config", str(tmp_path / "method.yaml"), "--model", "x", "--out", str(tmp_path / "e")]) == 1
     assert "num_kept must be a whole number" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_effective_options_and_reads_back(tmp_path, capsys):
+    """#21: --print-config prints defaults < --config < flags as YAML; fed back as --config it gives the same."""
+    import yaml
+
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\nmax_steps: 3\n")
+    argv = ["finetune", "--config", str(tmp_path / "c.yaml"), "--lora", "--bundle", "emu", "--data", "d.jsonl", "--out", "run"]
+    assert main(argv + ["--print-config"]) == 0
+    printed = capsys.readouterr().out
+    values = yaml.safe_load(printed)
+    assert values["lr"] == 1e-4 and values["lora"] is True and values["max_steps"] == 3 and values["batch_size"] == 8
+    assert values["bundle"] == "emu" and values["out"] == "run"
+    (tmp_path / "back.yaml").write_text(printed)
+    assert main(["finetune", "--config", str(tmp_path / "back.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    assert main(["compress", "--method", "gradot", "--target-fraction", "0.5", "--model", "m", "--out", "o", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["target_fraction"] == 0.5

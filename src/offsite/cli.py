@@ -320,6 +320,44 @@ def cmd_remote(opts: dict) -> None:
     remote(opts)
 
 
+# ---------------------------------------------------------------- effective configuration
+def _config_classes(command: str, opts: dict) -> list:
+    """The config dataclasses whose fields a command takes (torch-free modules)."""
+    if command == "compress":
+        from .methods.configs import METHOD_CONFIGS
+
+        method = opts.get("method", "layerdrop")
+        if method not in METHOD_CONFIGS:
+            raise UsageError(f"unknown emulator method {method!r}; available: {', '.join(sorted(METHOD_CONFIGS))}")
+        return [METHOD_CONFIGS[method]]
+    module, names = CONFIG_OF[command]
+    import importlib
+
+    return [getattr(importlib.import_module(module, __package__), n) for n in names]
+
+
+# command -> (module, config classes) of the commands whose options are config dataclasses
+CONFIG_OF = {
+    "compress": (".methods.configs", ()), "distill": (".configs", ("DistillConfig",)), "finetune": (".configs", ("FinetuneConfig",)),
+    "scaleot-importance": (".methods.configs", ("ImportanceConfig",)), "pema-memory": (".pema.configs", ("MemoryConfig",)),
+    "pema-train": (".pema.configs", ("PemaConfig",)), "pema-generate": (".pema.configs", ("GenerateConfig",)),
+    "serve": (".service.config", ("ServeConfig",)),
+}
+
+
+def print_config(command: str, opts: dict) -> None:
+    """The options a command would run with: every config field (defaults filled in, values type-checked)
+    and the other options given, as YAML that `--config` reads back."""
+    import yaml
+
+    opts = dict(opts)
+    out = {}
+    for cls in _config_classes(command, opts):
+        out.update(dataclasses.asdict(build_dataclass(cls, split_for(cls, opts))))
+    out = {**{k: v for k, v in opts.items() if not k.startswith("_")}, **out}
+    print(yaml.safe_dump(out, sort_keys=False, default_flow_style=False), end="")
+
+
 # ---------------------------------------------------------------- parser
 class _Unbuilt:
     """Stands for the parser of a command that is not being run: every call is a no-op and it is false, so
@@ -346,6 +384,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         p.add_argument("--config", help="YAML file with option values (flags given here override it)")
+        if name in CONFIG_OF:
+            p.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
+                           help="print the effective options (defaults < --config < flags) as YAML, usable as --config, and exit")
         return p if only is None or only == name else _Unbuilt()
 
     p = command("compress", cmd_compress, "Owner: compress a model into an emulator bundle.")
@@ -493,7 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every offsite bar honours it (offsite.progress)
     try:
-        args.func(merged_options(args))
+        opts = merged_options(args)
+        if opts.pop("print_config", False):
+            print_config(args.command, opts)
+            return 0
+        args.func(opts)
     except UsageError as e:
         print(f"offsite: error: {terminal_safe(e)}", file=sys.stderr)
         return 2  # the command line is wrong (as argparse's own usage errors)
