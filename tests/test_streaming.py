@@ -274,3 +274,20 @@ def test_cli_stream_flags(tmp_path, capsys):
     assert (tmp_path / "emu2" / "model.safetensors").exists()
     assert main(["compress", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "emu3"), "--max-shard-size", "lots"]) == 2
     assert "--max-shard-size must be a size" in capsys.readouterr().err and not (tmp_path / "emu3").exists()
+
+
+def test_a_same_size_tampered_adapter_is_still_refused_when_read_lazily(tmp_path):
+    """The lazy path skips the manifest-time hash of the weights (the private copy hashes them): a tampered file
+    of the right size must still fail, before any tensor is used."""
+    from offsite.adapter import FULL_WEIGHTS, load_adapter
+
+    save_base(tmp_path / "base")
+    emulator = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    adapter = finetune(emulator, EXAMPLES, tmp_path / "run", FinetuneConfig(epochs=1, batch_size=2, max_length=16), progress=False)
+    data = bytearray((adapter / FULL_WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF  # same size, one byte of the last tensor flipped
+    (adapter / FULL_WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its SHA-256"):
+        load_adapter(adapter, lazy=True)
+    with pytest.raises(BundleError, match="does not match its SHA-256"):
+        load_adapter(adapter)

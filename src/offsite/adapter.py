@@ -193,7 +193,9 @@ def load_adapter(bundle_dir: str | Path, trusted_key=None, lazy: bool = False) -
     one at a time, when used, from a private verified copy (`bundle.PrivateTensors`), so a multi-GB
     adapter is never in memory whole."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir, kind="adapter", trusted_key=trusted_key)
+    # Lazily read weights are hashed from the bytes copied into the private copy: not read a second time here.
+    later = frozenset({FULL_WEIGHTS, LORA_WEIGHTS}) if lazy else frozenset()
+    manifest = read_manifest(bundle_dir, kind="adapter", trusted_key=trusted_key, hashed_later=later)
     spec = manifest.get("adapter")
     if (
         not isinstance(spec, dict)

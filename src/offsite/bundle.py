@@ -313,8 +313,11 @@ def read_manifest(
     verify: bool = True,
     trusted_key: signing.TrustedKeys | bool = None,
     limits: Limits | None = None,
+    hashed_later: frozenset[str] = frozenset(),
 ) -> dict:
     """Load and check a bundle's manifest; with `verify`, every listed file must match its hash.
+    `hashed_later`: files whose reader hashes the very bytes it uses (`load_private_safetensors`);
+    they are checked here for presence and size only, so a multi-GB file is not read twice.
 
     Files present but not listed are rejected as well: a bundle is exactly what its manifest
     says. With a trusted key (`trusted_key`, else $OFFSITE_TRUSTED_KEY; `False` to skip) the
@@ -350,7 +353,7 @@ def read_manifest(
         raise BundleError(f"manifest lists no files: {path}")
     _check_file_table(bundle_dir, files, limits)
     if verify:
-        verify_files(bundle_dir, files, limits)
+        verify_files(bundle_dir, files, limits, hashed_later)
     return manifest
 
 
@@ -394,7 +397,7 @@ def _check_member_name(bundle_dir: Path, rel: object) -> None:
         raise BundleError(f"manifest names an unsafe path {_short(rel, 100)} in {bundle_dir}")
 
 
-def verify_files(bundle_dir: Path, files: dict, limits: Limits | None = None) -> None:
+def verify_files(bundle_dir: Path, files: dict, limits: Limits | None = None, hashed_later: frozenset[str] = frozenset()) -> None:
     """The directory holds exactly the listed files, as regular files of the listed sizes and hashes."""
     present = _walk(bundle_dir, limits or Limits.from_env())
     extra = sorted(set(present) - set(files))
@@ -406,6 +409,8 @@ def verify_files(bundle_dir: Path, files: dict, limits: Limits | None = None) ->
         if present[rel] != meta["size"]:
             raise BundleError(f"bundle file {rel} has size {present[rel]}, manifest says {meta['size']}: {bundle_dir}")
     for rel, meta in files.items():
+        if rel in hashed_later:
+            continue
         if sha256_file(bundle_dir / rel) != meta["sha256"]:
             raise BundleError(f"bundle file {rel} does not match its SHA-256 (corrupt or tampered): {bundle_dir}")
 
