@@ -110,7 +110,8 @@ def stage_lora(s: dict) -> dict:
     peft_model = get_peft_model(model, settings.to_peft())
     examples = training_examples(s, tokenizer)
     config = FinetuneConfig(lora=True, lora_r=s["lora_r"], lora_alpha=2.0 * s["lora_r"], lr=s["lora_lr"], epochs=s["lora_epochs"],
-                            batch_size=s["lora_batch_size"], max_length=s["max_length"], seed=s["seed"])
+                            batch_size=s["lora_batch_size"], max_length=s["max_length"], seed=s["seed"],
+                            group_by_length=s.get("group_by_length", False))
     run = train(peft_model, tokenize_examples(tokenizer, examples, config.max_length), pad_token_id(tokenizer), config, desc="lora")
     run.model.save_pretrained(s["adapter"])
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
@@ -124,7 +125,8 @@ def stage_ot(s: dict) -> dict:
 
     tokenizer = load_emulator(s["emulator"]).tokenizer
     examples = training_examples(s, tokenizer)
-    config = FinetuneConfig(lr=s["ot_lr"], epochs=s["lora_epochs"], batch_size=s["lora_batch_size"], max_length=s["max_length"], seed=s["seed"])
+    config = FinetuneConfig(lr=s["ot_lr"], epochs=s["lora_epochs"], batch_size=s["lora_batch_size"], max_length=s["max_length"], seed=s["seed"],
+                            group_by_length=s.get("group_by_length", False))
     adapter = finetune(s["emulator"], examples, Path(s["adapter"]).parent, config, overwrite=True, progress=True)
     from offsite.adapter import load_adapter
 
@@ -212,6 +214,8 @@ def main() -> None:
     p.add_argument("--lora-lr", type=float, default=3e-4)
     p.add_argument("--lora-epochs", type=int, default=1)
     p.add_argument("--lora-batch-size", type=int, default=8)
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="LoRA and OT training: batches of similar length (verses vary from ~10 to ~90 tokens; less padding)")
     p.add_argument("--max-length", type=int, default=384, help="LoRA training: tokens per example (context cut from the left)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
@@ -271,7 +275,8 @@ def record(args) -> None:
                      "pema_batch_size": args.pema_batch_size, "seed": args.seed}
     pema_dir = out / f"pema-{key(pema_settings)}"
     pema = run_measured("pema", {**pema_settings, "adapter": str(pema_dir / "adapter")}, pema_dir)
-    train_common = {**common, "lora_epochs": args.lora_epochs, "lora_batch_size": args.lora_batch_size, "max_length": args.max_length}
+    train_common = {**common, "lora_epochs": args.lora_epochs, "lora_batch_size": args.lora_batch_size, "max_length": args.max_length,
+                    "group_by_length": args.group_by_length}
     lora_settings = {**train_common, "model_path": str(model_path), "lora_r": args.lora_r, "lora_lr": args.lora_lr}
     lora_dir = out / f"lora-{key(lora_settings)}"
     lora = run_measured("lora", {**lora_settings, "adapter": str(lora_dir / "adapter")}, lora_dir)
