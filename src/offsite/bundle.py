@@ -146,6 +146,23 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+class Fingerprint:
+    """`model_fingerprint` fed one tensor at a time, in sorted name order, each in pieces if need be
+    (offsite.streaming hashes a checkpoint it never loads)."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self._hash.update(f"{name}|{dtype}|{tuple(shape)}\n".encode())
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over every tensor of the state dict (name, dtype, shape, bytes), in key order.
@@ -153,11 +170,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     Identifies the exact base weights an emulator was made from, so an adapter is only ever
     plugged into the model it was trained for.
     """
-    h = hashlib.sha256()
+    fingerprint = Fingerprint()
     for name, tensor in sorted(model.state_dict().items()):
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        h.update(tensor_bytes(tensor))
-    return h.hexdigest()
+        fingerprint.begin(name, tensor.dtype, tuple(tensor.shape))
+        fingerprint.update(tensor_bytes(tensor))
+    return fingerprint.hexdigest()
 
 
 def _walk(directory: Path, limits: Limits | None = None) -> dict[str, int]:
@@ -447,28 +464,38 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         size = os.lstat(path).st_size
     except FileNotFoundError:
         raise BundleError(f"bundle file missing: {path.name} in {path.parent}") from None
-    where = f"{path.name} in {path.parent}"
     with os.fdopen(_open_nofollow(path), "rb") as f:
-        prefix = f.read(8)
-        n = _header_length(prefix, size, where)
-        header = parse_json(f.read(n), path)
-    return _check_header(header, size - 8 - n, where)
+        return _parse_header(_reader(f), size, f"{path.name} in {path.parent}", path)[0]
 
 
-def safetensors_layout(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
-    """(data start, name -> (dtype, shape, begin, end)) of a safetensors file, validated as by
-    `safetensors_header`; begin/end are byte offsets into the file, for reading a tensor in pieces."""
+def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, begin, end) of a safetensors file, validated as by `safetensors_header`;
+    begin/end are byte offsets into the file, for reading a tensor in pieces."""
     size = os.lstat(path).st_size if path.exists() else None
     if size is None:
         raise BundleError(f"file missing: {path.name} in {path.parent}")
-    where = f"{path.name} in {path.parent}"
     with os.fdopen(_open_nofollow(path), "rb") as f:
-        n = _header_length(f.read(8), size, where)
-        header = parse_json(f.read(n), path)
-    checked = _check_header(header, size - 8 - n, where)
+        return _parse_header(_reader(f), size, f"{path.name} in {path.parent}", path)[1]
+
+
+def _reader(f):
+    def read(offset: int, n: int) -> bytes:
+        f.seek(offset)
+        return f.read(n)
+
+    return read
+
+
+def _parse_header(read, size: int, where: str, json_where) -> tuple[dict, dict]:
+    """(name -> (dtype, shape), name -> (dtype, shape, begin, end)) of the safetensors bytes `read(offset, n)`
+    gives, `size` long: the header checked against the size (`_check_header`), offsets absolute."""
+    n = _header_length(read(0, 8), size, where)
+    raw = parse_json(read(8, n), json_where)
+    header = _check_header(raw, size - 8 - n, where)
     start = 8 + n
-    return start, {name: (dtype, shape, start + header[name]["data_offsets"][0], start + header[name]["data_offsets"][1])
-                   for name, (dtype, shape) in checked.items()}
+    layout = {name: (code, shape, start + raw[name]["data_offsets"][0], start + raw[name]["data_offsets"][1])
+              for name, (code, shape) in header.items()}
+    return header, layout
 
 
 def _header_length(prefix: bytes, size: int, where: str) -> int:
@@ -536,11 +563,7 @@ def load_private_safetensors(bundle_dir: Path, rel: str, manifest: dict, limits:
         handle.close()
         raise BundleError(f"bundle file {rel} does not match its SHA-256 (corrupt, tampered or changed while read): {bundle_dir}")
     where = f"{rel} in {bundle_dir}"
-    n = _header_length(os.pread(handle.fileno(), 8, 0), size, where)
-    raw = parse_json(os.pread(handle.fileno(), n, 8), where)
-    header = _check_header(raw, size - 8 - n, where)
-    layout = {name: (code, shape, 8 + n + raw[name]["data_offsets"][0], 8 + n + raw[name]["data_offsets"][1])
-              for name, (code, shape) in header.items()}
+    header, layout = _parse_header(lambda offset, n: os.pread(handle.fileno(), n, offset), size, where, where)
     return PrivateTensors(handle, layout), header
 
 
@@ -560,21 +583,18 @@ def load_verified_safetensors(bundle_dir: Path, rel: str, manifest: dict, limits
     if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise BundleError(f"bundle file {rel} does not match its SHA-256 (corrupt, tampered or changed while read): {bundle_dir}")
     where = f"{rel} in {bundle_dir}"
-    n = _header_length(bytes(data[:8]), len(data), where)
-    raw = parse_json(bytes(data[8 : 8 + n]), where)
-    header = _check_header(raw, len(data) - 8 - n, where)
+    header, layout = _parse_header(lambda offset, n: bytes(data[offset : offset + n]), len(data), where, where)
     # Views into this private buffer: one copy of the file in memory (a 2 GB adapter needs 2 GB, not 4).
     tensors = {}
-    for name, (code, shape) in header.items():
-        begin, end = raw[name]["data_offsets"]
+    for name, (code, shape, begin, end) in layout.items():
         dtype = TORCH_DTYPES[code]
         size = SAFETENSORS_DTYPES[code]
         if end == begin:
             tensors[name] = torch.empty(shape, dtype=dtype)
-        elif (8 + n + begin) % size:  # misaligned for its dtype: a copy of its own
-            tensors[name] = torch.frombuffer(bytearray(data[8 + n + begin : 8 + n + end]), dtype=dtype).reshape(shape)
+        elif begin % size:  # misaligned for its dtype: a copy of its own
+            tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
         else:
-            tensors[name] = torch.frombuffer(data, dtype=dtype, count=(end - begin) // size, offset=8 + n + begin).reshape(shape)
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=(end - begin) // size, offset=begin).reshape(shape)
     return tensors, header
 
 

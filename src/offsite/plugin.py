@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .adapter import PEFT_PREFIX, AdapterBundle, load_adapter
-from .bundle import DTYPES, bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, write_bundle
+from .bundle import DTYPES, bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, tensor_bytes, write_bundle
 from .cards import model_card
 from .emulator import LoadedEmulator, check_blocks, load_checkpoint
 from .errors import BundleError, ConfigError, PluginError
 from .progress import bars_disabled
 from .signing import load_private_key
-from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, generation_config_of, open_stored, tensor_bytes
+from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, open_stored
 from .surgery import BlockLayout, discover_layout, linear_module_names
 
 
@@ -343,8 +343,9 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
     else:
         check_lora(stored.model, layout, bundle, lambda target: stored.tensor(f"{target}.weight"), max_norm_ratio, merged_finite=False)
         targets = {f"{target}.weight": target for target in bundle.lora.target_modules}
-    primary = set(stored.primary_names())
-    plan = [(stored.source[name], stored.dtype_of(name), tuple(stored.state[name].shape)) for name in stored.primary_names()]
+    primary = stored.primary_names()
+    plan = [(stored.source[name], stored.dtype_of(name), tuple(stored.state[name].shape)) for name in primary]
+    primary = set(primary)
 
     def write(tmp: Path) -> None:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
@@ -375,12 +376,7 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
             fingerprint = reader.fingerprint()
         hashed = writer.close()
         _check_fingerprint(bundle, fingerprint)  # raising here publishes nothing
-        config = stored.config
-        config.dtype = stored.dtype
-        config.save_pretrained(tmp)
-        generation = generation_config_of(stored.path)
-        if generation is not None:
-            generation.save_pretrained(tmp)
+        stored.save_configs(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card("plugged", manifest))
         return hashed

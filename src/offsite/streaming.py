@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .bundle import TORCH_DTYPES, safetensors_layout
+from .bundle import TORCH_DTYPES, Fingerprint, safetensors_layout, tensor_bytes
 from .errors import BundleError, UnsupportedModelError
 from .surgery import BlockLayout, discover_layout, reduced_config
 
@@ -97,7 +97,7 @@ class StoredCheckpoint:
         self.state = self.model.state_dict(keep_vars=True)
         self.entries: dict[str, StoredTensor] = {}
         for file in checkpoint_files(self.path):
-            _, found = safetensors_layout(file)
+            found = safetensors_layout(file)
             for name, (code, shape, begin, end) in found.items():
                 if name in self.entries:
                     raise BundleError(f"checkpoint tensor {name[:100]} is stored twice: {self.path}")
@@ -146,10 +146,6 @@ class StoredCheckpoint:
         """The dtype state-dict tensor `name` has once loaded (floating tensors take the load dtype)."""
         return self.state[name].dtype
 
-    def nbytes(self, name: str) -> int:
-        t = self.state[name]
-        return t.numel() * t.element_size()
-
     def primary_names(self) -> list[str]:
         """State-dict names in sorted order, each file tensor once (the first name that uses it)."""
         seen, out = set(), []
@@ -177,6 +173,16 @@ class StoredCheckpoint:
             if stored.dtype != target:
                 data = tensor_bytes(torch.frombuffer(bytearray(data), dtype=stored.dtype).to(target))
             yield data
+
+    def save_configs(self, out_dir: Path, config=None) -> None:
+        """config.json (this checkpoint's, or `config`, in the load dtype) and the checkpoint's own
+        generation_config.json, as `save_pretrained` writes them beside the weights."""
+        config = config if config is not None else self.config
+        config.dtype = self.dtype
+        config.save_pretrained(out_dir)
+        generation = generation_config_of(self.path)
+        if generation is not None:
+            generation.save_pretrained(out_dir)
 
     def read_ahead(self, names: list[str], depth: int = 3, chunk_bytes: int = CHUNK_BYTES) -> "ReadAhead":
         """The chunks of `names`, in that order, read by a thread `depth` chunks ahead of the caller, so the
@@ -322,26 +328,6 @@ def generation_config_of(path: Path):
         return GenerationConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
         return None
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-class Fingerprint:
-    """`bundle.model_fingerprint`, fed one tensor at a time in sorted name order, in pieces."""
-
-    def __init__(self):
-        self._hash = hashlib.sha256()
-
-    def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-        self._hash.update(f"{name}|{dtype}|{tuple(shape)}\n".encode())
-
-    def update(self, data: bytes) -> None:
-        self._hash.update(data)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
 
 
 class ShardedWriter:
