@@ -28,7 +28,7 @@ from .methods import Emulator, build_emulator
 from .models import load_checkpoint  # noqa: F401  (re-exported: the Hugging Face checkpoint loader)
 from .progress import bars_disabled
 from .signing import load_private_key
-from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, generation_config_of, open_stored
+from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, open_stored
 from .structure import structured_class
 from .surgery import BlockLayout, discover_layout, reduced_config
 
@@ -382,13 +382,10 @@ def stream_layerdrop(stored: StoredCheckpoint, tokenizer, out_dir: Path, config,
     """LayerDrop without the model in memory: one pass over the checkpoint's tensors in sorted order hashes
     all of them (the base fingerprint) and copies the kept ones, renumbered, into new shards. The result
     equals `build_emulator(model, "layerdrop", config)` saved, tensor for tensor."""
-    from .methods.layerdrop import select_middle
-
     layout = stored.layout
     adapter = config.adapter_blocks(layout.num_blocks)
-    block_map = adapter[: config.num_bottom] + select_middle(config, layout.num_blocks) + adapter[config.num_bottom:]
+    block_map = config.block_map(layout.num_blocks)
     reduced = reduced_config(stored.config, block_map)
-    reduced.dtype = stored.dtype
     new_index = {orig: new for new, orig in enumerate(block_map)}
     file_layout = file_block_prefix(stored)
 
@@ -415,10 +412,7 @@ def stream_layerdrop(stored: StoredCheckpoint, tokenizer, out_dir: Path, config,
             fingerprint = reader.fingerprint()
         hashed = writer.close()
         manifest["base"]["fingerprint"] = fingerprint  # known only now; the manifest is written after this
-        reduced.save_pretrained(tmp)
-        generation = generation_config_of(stored.path)
-        if generation is not None:
-            generation.save_pretrained(tmp)
+        stored.save_configs(tmp, reduced)
         (tmp / "README.md").write_text(model_card("emulator", manifest))
         tokenizer.save_pretrained(tmp)
         return hashed

@@ -134,14 +134,19 @@ def aggregate_round(emulator_dir: str | Path, updates: list[Update], out_dir: st
     return result
 
 
+def _set_blocks(emulator: LoadedEmulator, bundle: AdapterBundle, tensors) -> None:
+    """Copy full-block adapter `tensors` (keyed for the emulator, already checked) into its blocks."""
+    params = full_block_parameters(emulator.model, emulator.layout, bundle)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value)
+
+
 def _apply(emulator: LoadedEmulator, averaged: dict[str, torch.Tensor], template: AdapterBundle):
     """The emulator carrying the averaged adapter, and the full model's LoRA settings (None for full blocks)."""
     model = emulator.model
     if template.lora is None:
-        params = full_block_parameters(model, emulator.layout, template)
-        with torch.no_grad():
-            for key, value in averaged.items():
-                params[key].copy_(value)
+        _set_blocks(emulator, template, averaged)
         return model, None
     from peft import get_peft_model, set_peft_model_state_dict
 
@@ -163,10 +168,7 @@ def start_from(adapter: str | Path, max_norm_ratio: float | None = MAX_NORM_RATI
             raise FederationError(f"the round's adapter is {'LoRA' if local.lora else 'full blocks'}; this run trains "
                                   f"{'LoRA' if config.lora else 'full blocks'}")
         if local.lora is None:
-            params = full_block_parameters(emulator.model, emulator.layout, local)
-            with torch.no_grad():
-                for key, value in local.tensors.items():
-                    params[key].copy_(value)
+            _set_blocks(emulator, local, local.tensors)
             return None
         return dict(local.tensors)
 

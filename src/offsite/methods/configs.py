@@ -36,6 +36,15 @@ class EmulatorConfig:
         self.adapter_blocks(num_blocks)
         return list(range(self.num_bottom, num_blocks - self.num_top))
 
+    def kept_middle(self, num_blocks: int) -> list[int]:
+        """The middle blocks the emulator is built from (all of them, unless a method drops some first)."""
+        return self.middle_blocks(num_blocks)
+
+    def block_map(self, num_blocks: int) -> list[int]:
+        """Original indices of the blocks the emulator is built from: the adapter around `kept_middle`."""
+        adapter = self.adapter_blocks(num_blocks)
+        return adapter[: self.num_bottom] + self.kept_middle(num_blocks) + adapter[self.num_bottom :]
+
 
 @dataclass
 class LayerDropConfig(EmulatorConfig):
@@ -43,6 +52,9 @@ class LayerDropConfig(EmulatorConfig):
 
     num_kept: int | None = None
     kept_blocks: list[int] | None = None
+
+    def kept_middle(self, num_blocks: int) -> list[int]:
+        return select_middle(self, num_blocks)
 
 
 def uniform_indices(num_middle: int, k: int) -> list[int]:
@@ -121,11 +133,6 @@ class GradOTConfig(EmulatorConfig):
         if self.num_kept is None and self.kept_blocks is None:
             return self.middle_blocks(num_blocks)
         return select_middle(self, num_blocks)
-
-    def block_map(self, num_blocks: int) -> list[int]:
-        """The original blocks the emulator is built from: the adapter and the middle LayerDrop keeps."""
-        adapter = self.adapter_blocks(num_blocks)
-        return adapter[: self.num_bottom] + self.kept_middle(num_blocks) + adapter[self.num_bottom :]
 
 
 KEEP = ("medoid", "first", "last")

@@ -20,9 +20,7 @@ from .configs import LayerDropConfig, select_middle, uniform_indices  # noqa: F4
 @register("layerdrop", LayerDropConfig)
 def build_layerdrop(model: PreTrainedModel, layout: BlockLayout, config: LayerDropConfig) -> Emulator:
     adapter = config.adapter_blocks(layout.num_blocks)
-    kept_middle = select_middle(config, layout.num_blocks)
-    bottom, top = adapter[: config.num_bottom], adapter[config.num_bottom:]
-    block_map = bottom + kept_middle + top
+    block_map = config.block_map(layout.num_blocks)
     return Emulator(
         model=build_reduced_model(model, layout, block_map),
         layout=layout,
