@@ -1,5 +1,5 @@
-"""How long the command line takes to answer before any work: `offsite --help`, `--version`, a light
-command's help and a heavy one's (whose flags come from config dataclasses whose modules import torch).
+"""How long the command line takes to answer before any work: `offsite --help`, `--version` and some
+commands' help (their flags come from config dataclasses; the table says whether torch got imported).
 
     python benchmarks/cli_startup.py            # 5 runs each, median wall time in fresh processes
 """

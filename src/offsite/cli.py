@@ -359,20 +359,14 @@ def print_config(command: str, opts: dict) -> None:
 
 
 # ---------------------------------------------------------------- parser
-class _Unbuilt:
-    """Stands for the parser of a command that is not being run: every call is a no-op and it is false, so
-    flags that need heavy imports (config dataclasses import torch) are only built for the command run."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `offsite` parser. Its flags come from config dataclasses in torch-free modules (offsite.configs,
+    offsite.methods.configs, offsite.pema.configs), so `offsite --help` and every `-h` never import torch."""
+    from .configs import DistillConfig, FinetuneConfig
+    from .methods.configs import METHOD_CONFIGS, ImportanceConfig
+    from .service.commands import add_remote_actions
+    from .service.config import ServeConfig
 
-    def __bool__(self) -> bool:
-        return False
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: self
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The `offsite` parser. `only`: build the flags of that command alone (the others are registered by
-    name and help), so `offsite --help`, `--version` and light commands never import torch."""
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of Hugging Face causal LMs.",
                                      epilog="Exit codes: 0 success, 1 the command failed or refused (one line says why), "
                                             "2 the command line is wrong.")
@@ -387,23 +381,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if name in CONFIG_OF:
             p.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
                            help="print the effective options (defaults < --config < flags) as YAML, usable as --config, and exit")
-        return p if only is None or only == name else _Unbuilt()
+        return p
 
     p = command("compress", cmd_compress, "Owner: compress a model into an emulator bundle.")
     p.add_argument("--model", default=argparse.SUPPRESS, help="HF checkpoint directory or a bundled asset name (smollm2-135m)")
     p.add_argument("--out", default=argparse.SUPPRESS, help="emulator bundle directory to create")
-    if p:
-        from .methods.configs import METHOD_CONFIGS
-    p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHOD_CONFIGS) if p else None,
+    p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHOD_CONFIGS),
                    help="emulator method (default: layerdrop)")
     p.add_argument("--dtype", default=argparse.SUPPRESS, help="dtype of the emulator: auto (the checkpoint's own, default), float32, bfloat16, float16")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
     _stream_flags(p, "LayerDrop and GradOT compress without loading the whole model (default); --no-stream loads it")
-    if p:
-        seen: set[str] = set()
-        for config_class in METHOD_CONFIGS.values():
-            add_dataclass_flags(p, config_class, seen)
+    seen: set[str] = set()
+    for config_class in METHOD_CONFIGS.values():
+        add_dataclass_flags(p, config_class, seen)
 
     p = command("distill", cmd_distill, "Owner: distil an emulator's middle blocks towards the full model (OT + KD).")
     p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
@@ -412,10 +403,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
-    if p:
-        from .configs import DistillConfig
-
-        add_dataclass_flags(p, DistillConfig)
+    add_dataclass_flags(p, DistillConfig)
 
     p = command("scaleot-importance", cmd_scaleot_importance,
                 "Owner: ScaleOT stage (a), train harmonizers and learn block importance (artifact for --method scaleot).")
@@ -423,10 +411,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="artifact directory to create (checkpoints go to OUT.checkpoints/)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing artifact")
-    if p:
-        from .methods.configs import ImportanceConfig
-
-        add_dataclass_flags(p, ImportanceConfig)
+    add_dataclass_flags(p, ImportanceConfig)
 
     p = command("finetune", cmd_finetune, "Data owner: train the adapter on the emulator, export an adapter bundle.")
     p.add_argument("--bundle", default=argparse.SUPPRESS, help="emulator bundle directory")
@@ -439,10 +424,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the adapter bundle")
     p.add_argument("--trusted-key", default=argparse.SUPPRESS,
                    help="the model owner's public key: the emulator bundle must be signed with it (default: $OFFSITE_TRUSTED_KEY)")
-    if p:
-        from .configs import FinetuneConfig
-
-        add_dataclass_flags(p, FinetuneConfig)
+    add_dataclass_flags(p, FinetuneConfig)
 
     p = command("plugin", cmd_plugin, "Owner: plug an adapter bundle into the full model.")
     p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
@@ -499,25 +481,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--key", default=argparse.SUPPRESS, help="the signer's public key (default: $OFFSITE_TRUSTED_KEY)")
 
     p = command("serve", cmd_serve, "Owner: serve emulator bundles, adapter uploads, plug-in jobs and representation queries over HTTP.")
-    if p:
-        from .service.config import ServeConfig
-
-        add_dataclass_flags(p, ServeConfig)
+    add_dataclass_flags(p, ServeConfig)
     p = command("serve-token", cmd_serve_token, "Owner: create an API token for a data owner of offsite serve (printed once).")
     p.add_argument("--state", default=argparse.SUPPRESS, help="the server's state directory")
     p.add_argument("--name", default=argparse.SUPPRESS, help="the data owner's name")
     p.add_argument("--trusted-key", default=argparse.SUPPRESS, help="the data owner's public key: its uploads must be signed with it")
     p = command("remote", cmd_remote, "Data owner: use an offsite server (list, download, upload, submit, status, report).")
-    if p:
-        from .service.commands import add_remote_actions
-
-        add_remote_actions(p)
+    add_remote_actions(p)
     return parser
 
 
 def add_trust_flags(p: argparse.ArgumentParser) -> None:
-    if not p:
-        return
     from .configs import MAX_NORM_RATIO
 
     p.add_argument("--trusted-key", default=argparse.SUPPRESS,
@@ -527,10 +501,7 @@ def add_trust_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # The command is the first word that is not a top-level option; only its flags are built.
-    words = [a for a in argv if not a.startswith("-")]
-    args = build_parser(only=words[0] if words else "").parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every offsite bar honours it (offsite.progress)
     try:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from ..options import _reject_leftovers, add_dataclass_flags, build_dataclass, split_for, take
 from ..errors import ConfigError, UsageError
-# The config dataclasses (and torch, which their modules import) are imported where a command needs them,
-# so `offsite --help` registers these commands without importing torch.
+from .configs import GenerateConfig, MemoryConfig, PemaConfig  # torch-free: `offsite --help` imports no torch
 
 
 def _server(opts: dict):
@@ -73,8 +72,6 @@ def cmd_pema_memory(opts: dict) -> None:
 
     head = load_head(take(opts, "head"), trusted_key=take(opts, "trusted_key", None))
     out = take(opts, "out")
-    from .configs import MemoryConfig
-
     config = build_dataclass(MemoryConfig, split_for(MemoryConfig, opts))
     examples = _examples(opts, "train")
     server = _server(opts)
@@ -92,8 +89,6 @@ def cmd_pema_train(opts: dict) -> None:
 
     memory, head, out = take(opts, "memory"), take(opts, "head"), take(opts, "out")
     overwrite, sign_key, trusted_key = take(opts, "overwrite", False), take(opts, "sign_key", None), take(opts, "trusted_key", None)
-    from .configs import PemaConfig
-
     config = build_dataclass(PemaConfig, split_for(PemaConfig, opts))
     _reject_leftovers(opts)
     path = train_pema_bundle(memory, head, out, config, overwrite=overwrite, sign_key=sign_key, trusted_key=trusted_key)
@@ -111,8 +106,6 @@ def cmd_pema_generate(opts: dict) -> None:
     head = load_head(take(opts, "head"), trusted_key=trusted_key)
     adapter_dir, out = take(opts, "adapter", None), take(opts, "out", None)
     adapter = load_pema_adapter(adapter_dir, head) if adapter_dir else None
-    from .configs import GenerateConfig
-
     config = build_dataclass(GenerateConfig, split_for(GenerateConfig, opts))
     task = opts.get("task")
     examples = _examples(opts, take(opts, "split", "eval"))
@@ -195,10 +188,7 @@ def add_commands(command) -> None:
     owner_flags(p)
     data_flags(p, split=False)
     trust_flag(p)
-    if p:
-        from .configs import MemoryConfig
-
-        add_dataclass_flags(p, MemoryConfig)
+    add_dataclass_flags(p, MemoryConfig)
 
     p = command("pema-score", cmd_pema_score, "PEMA data owner: held-out NLL and accuracy of the mixture for each lambda (no generation).")
     p.add_argument("--head", default=S, help="the owner's head bundle")
@@ -216,10 +206,7 @@ def add_commands(command) -> None:
     p.add_argument("--overwrite", action="store_true", default=S, help="replace an existing bundle")
     p.add_argument("--sign-key", default=S, help="your private key: sign the adapter bundle")
     trust_flag(p)
-    if p:
-        from .configs import PemaConfig
-
-        add_dataclass_flags(p, PemaConfig)
+    add_dataclass_flags(p, PemaConfig)
 
     p = command("pema-generate", cmd_pema_generate, "PEMA data owner: generate answers (with or without an adapter) and score them.")
     p.add_argument("--head", default=S, help="the owner's head bundle")
@@ -228,7 +215,4 @@ def add_commands(command) -> None:
     owner_flags(p)
     data_flags(p, split=True)
     trust_flag(p)
-    if p:
-        from .configs import GenerateConfig
-
-        add_dataclass_flags(p, GenerateConfig)
+    add_dataclass_flags(p, GenerateConfig)
