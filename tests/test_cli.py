@@ -195,12 +195,13 @@ from offsite.cli import main
 from offsite.cli import build_parser
 commands = sorted(build_parser()._subparsers._group_actions[0].choices)
 assert len(commands) >= 19, commands
-for argv in [["--help"], ["--version"]] + [[c, "-h"] for c in commands]:
+nested = [["federate", "server", "-h"], ["federate", "client", "-h"], ["remote", "list", "-h"]]
+for argv in [["--help"], ["--version"]] + [[c, "-h"] for c in commands] + nested:
     try:
         main(argv)
     except SystemExit as e:
         assert e.code == 0, (argv, e.code)
-heavy = [m for m in ("torch", "transformers", "peft", "accelerate") if m in sys.modules]
+heavy = [m for m in ("torch", "transformers", "peft", "accelerate", "flwr") if m in sys.modules]
 print("HEAVY", heavy)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -385,7 +385,7 @@ def _check_file_table(bundle_dir: Path, files: dict, limits: Limits) -> None:
         raise BundleError(f"manifest lists more than {limits.max_files} files: {bundle_dir}")
     total = 0
     for rel, meta in files.items():
-        _check_member_name(bundle_dir, rel)
+        check_member_name(bundle_dir, rel)
         if (
             not isinstance(meta, dict)
             or not isinstance(meta.get("sha256"), str)
@@ -401,7 +401,8 @@ def _check_file_table(bundle_dir: Path, files: dict, limits: Limits) -> None:
         raise BundleError(f"manifest lists {total} bytes, over the bundle limit of {limits.max_bundle_bytes}: {bundle_dir}")
 
 
-def _check_member_name(bundle_dir: Path, rel: object) -> None:
+def check_member_name(bundle_dir: Path, rel: object) -> None:
+    """A manifest's file name must stay inside the bundle (no '..', absolute or odd paths)."""
     parts = rel.split("/") if isinstance(rel, str) else []
     if (
         not parts

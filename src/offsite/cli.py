@@ -54,8 +54,7 @@ def cmd_compress(opts: dict) -> None:
 
 
 def cmd_finetune(opts: dict) -> None:
-    from .data import load_examples
-    from .training import FinetuneConfig, finetune
+    from .training import FinetuneConfig, finetune, load_training_examples
 
     bundle, out = take(opts, "bundle"), take(opts, "out")
     data, task = take(opts, "data", None), take(opts, "task", None)
@@ -66,20 +65,7 @@ def cmd_finetune(opts: dict) -> None:
     _reject_leftovers(opts)
     if bool(data) == bool(task):
         raise UsageError("give exactly one of --data FILE.jsonl or --task NAME")
-    if data:
-        def bundle_tokenizer():  # only for chat records: verified first, as finetune will verify it again
-            from transformers import AutoTokenizer
-
-            from .bundle import read_manifest
-
-            read_manifest(bundle, kind="emulator", trusted_key=trusted_key)
-            return AutoTokenizer.from_pretrained(bundle, local_files_only=True, trust_remote_code=False)
-
-        examples = load_examples(data, tokenizer=bundle_tokenizer)[:limit]
-    else:
-        from .tasks import load_train_examples
-
-        examples = load_train_examples(task, limit=limit, seed=config.seed)
+    examples = load_training_examples(bundle, data, task, limit, config.seed, trusted_key)
     adapter = finetune(bundle, examples, out, config, resume=resume, overwrite=overwrite, sign_key=sign_key, trusted_key=trusted_key)
     from accelerate import PartialState
 
@@ -314,6 +300,12 @@ def cmd_serve_token(opts: dict) -> None:
     serve_token(opts)
 
 
+def cmd_federate(opts: dict) -> None:
+    from .federation.commands import cmd_federate as federate
+
+    federate(opts)
+
+
 def cmd_remote(opts: dict) -> None:
     from .service.commands import cmd_remote as remote
 
@@ -486,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=argparse.SUPPRESS, help="the server's state directory")
     p.add_argument("--name", default=argparse.SUPPRESS, help="the data owner's name")
     p.add_argument("--trusted-key", default=argparse.SUPPRESS, help="the data owner's public key: its uploads must be signed with it")
+    from .federation.commands import add_federate_actions
+
+    p = command("federate", cmd_federate, "Many data owners: federated adapter training on Flower (server: owner, client: data owner).")
+    add_federate_actions(p)
     p = command("remote", cmd_remote, "Data owner: use an offsite server (list, download, upload, submit, status, report).")
     add_remote_actions(p)
     return parser

@@ -166,6 +166,28 @@ TRAIN_LOG = "train_log.jsonl"  # in the run directory, beside adapter/ and check
 RESUMABLE_CHANGES = ("checkpoint_every", "log_every")
 
 
+def load_training_examples(bundle_dir, data=None, task=None, limit: int | None = None, seed: int = 0, trusted_key=None) -> list[Example]:
+    """A data owner's examples: a JSONL file (`data`; chat records use the bundle's own tokenizer, read
+    only once the bundle is verified) or a built-in task's train split (`task`)."""
+    if bool(data) == bool(task):
+        raise ConfigError("give exactly one of a data file (JSONL) or a built-in task")
+    if task:
+        from .tasks import load_train_examples
+
+        return load_train_examples(task, limit=limit, seed=seed)
+    from .data import load_examples
+
+    def bundle_tokenizer():
+        from transformers import AutoTokenizer
+
+        from .bundle import read_manifest
+
+        read_manifest(bundle_dir, kind="emulator", trusted_key=trusted_key)
+        return AutoTokenizer.from_pretrained(bundle_dir, local_files_only=True, trust_remote_code=False)
+
+    return load_examples(data, tokenizer=bundle_tokenizer)[:limit]
+
+
 def run_identity(config: FinetuneConfig, features: list[dict], params: dict[str, torch.nn.Parameter]) -> str:
     """SHA-256 of what a run computes from: its settings, its tokenised data and the starting values of
     the trainable tensors (which ties it to the emulator). Saved in every checkpoint; resume requires it."""

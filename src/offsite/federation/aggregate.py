@@ -48,6 +48,7 @@ class RoundResult:
     accepted: dict[str, int] = field(default_factory=dict)  # client -> examples
     dropped: dict[str, str] = field(default_factory=dict)  # client -> why
     adapter: Path | None = None
+    info: dict = field(default_factory=dict)  # what the transport measured (seconds, bytes)
 
     @property
     def examples(self) -> int:
@@ -115,21 +116,30 @@ def fedavg(emulator: LoadedEmulator, updates: list[Update], max_norm_ratio: floa
 
 
 def aggregate_round(emulator_dir: str | Path, updates: list[Update], out_dir: str | Path, round_number: int,
-                    max_norm_ratio: float | None = MAX_NORM_RATIO, trusted_key=None, emulator_key=None) -> RoundResult:
+                    max_norm_ratio: float | None = MAX_NORM_RATIO, trusted_key=None, emulator_key=None,
+                    dropped: dict[str, str] | None = None, info: dict | None = None) -> RoundResult:
     """Round `round_number`: FedAvg of the updates that pass the checks, written as `out_dir/round-NNNN/adapter`
     (an adapter bundle) beside `round.json` (who was accepted with how many examples, who was dropped and why).
+    `dropped`: clients the transport already dropped (no reply, an error), kept in the record with their reason.
     A round already on disk is returned as it is: a restarted owner resumes after its last finished round."""
     round_dir = Path(out_dir) / f"round-{round_number:04d}"
     done = load_round(round_dir)
     if done is not None:
         return done
     emulator = load_emulator(emulator_dir, dtype=torch.float32, trusted_key=emulator_key)
-    averaged, template, accepted, dropped = fedavg(emulator, updates, max_norm_ratio, trusted_key)
+    earlier = dict(dropped or {})
+    try:
+        averaged, template, accepted, dropped = fedavg(emulator, updates, max_norm_ratio, trusted_key)
+    except FederationError as e:
+        if earlier:
+            raise FederationError(f"{e}; before the checks: " + "; ".join(f"{c}: {why}" for c, why in list(earlier.items())[:3])) from None
+        raise
+    dropped = {**earlier, **dropped}
     model, lora = _apply(emulator, averaged, template)
     training = {"federated": {"round": round_number, "clients": accepted, "examples": sum(accepted.values()),
                               "dropped": sorted(dropped), "aggregation": "fedavg (example-weighted)"}}
     adapter = save_adapter(model, emulator, round_dir / "adapter", training, lora=lora, overwrite=(round_dir / "adapter").exists())
-    result = RoundResult(round_number, accepted, dropped, adapter)
+    result = RoundResult(round_number, accepted, dropped, adapter, dict(info or {}))
     write_synced(round_dir / ROUND_FILE, (json.dumps({**asdict(result), "adapter": str(adapter)}, indent=2) + "\n").encode())
     return result
 
@@ -181,7 +191,7 @@ def load_round(round_dir: str | Path) -> RoundResult | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    return RoundResult(data["round"], data["accepted"], data["dropped"], Path(data["adapter"]))
+    return RoundResult(data["round"], data["accepted"], data["dropped"], Path(data["adapter"]), data.get("info", {}))
 
 
 def latest_round(out_dir: str | Path) -> RoundResult | None:

@@ -1,0 +1,110 @@
+"""#19: federated offsite-tuning on the real Flower engine over 127.0.0.1 (SuperLink, SuperNodes, flwr run)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from offsite.adapter import load_adapter
+from offsite.data import Example, save_examples
+from offsite.emulator import compress_checkpoint
+from offsite.errors import ConfigError
+from offsite.federation.aggregate import latest_round, load_round
+from offsite.federation.configs import ClientConfig, ServerConfig
+from offsite.federation.launch import free_port, join, serve, stop
+from offsite.methods import make_config
+from offsite.plugin import plugin_checkpoint
+
+HERE = Path(__file__).parent
+RECIPE = {"batch_size": 2, "lr": 1e-2, "max_steps": 2, "max_length": 24}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("flower")
+    save_tiny_checkpoint("llama", root / "base")
+    emulator = compress_checkpoint(root / "base", root / "emu", "layerdrop", make_config("layerdrop", num_kept=2))
+    return root, emulator
+
+
+def client(root: Path, emulator: Path, name: str, n: int, port: int, poison: str | None = None):
+    work = root / name
+    work.mkdir()
+    data = work / "data.jsonl"
+    save_examples([Example(f"{name} question {j}:", f" answer {j % 3}") for j in range(n)], data)
+    if poison:
+        (work / "poison").write_text(poison)
+    return join(ClientConfig(superlink=f"127.0.0.1:{port}", bundle=str(emulator), data=str(data), work=str(work), insecure=True),
+                wait=False)
+
+
+@pytest.mark.slow
+def test_three_owners_two_rounds_poisoned_dropped_and_a_restart_resumes(world, tmp_path):
+    root, emulator = world
+    port = free_port()
+    sizes = {"alice": 4, "bob": 6, "carol": 8}
+    nodes = [client(tmp_path, emulator, name, n, port) for name, n in sizes.items()]
+    nodes += [client(tmp_path, emulator, f"mallory-{kind}", 5, port, poison=kind) for kind in ("nan", "key", "norm")]
+    out = tmp_path / "federation"
+    config = ServerConfig(emulator=str(emulator), out=str(out), rounds=1, min_clients=6, wait_s=120, round_timeout_s=300,
+                          port=port, insecure=True)
+    try:
+        serve(config, RECIPE, "flower_apps:server_app", "flower_apps:client_app", app_files=(HERE / "flower_apps.py",))
+        first = load_round(out / "round-0001")
+        assert first is not None and latest_round(out).round == 1
+        stamp = (out / "round-0001" / "round.json").stat().st_mtime_ns
+        # the owner restarts with more rounds: round 1 is kept as it is, round 2 runs from its aggregate
+        config.rounds = 2
+        final = serve(config, RECIPE, "flower_apps:server_app", "flower_apps:client_app", app_files=(HERE / "flower_apps.py",))
+    finally:
+        for node in nodes:
+            stop(node)
+    assert (out / "round-0001" / "round.json").stat().st_mtime_ns == stamp
+    for number in (1, 2):
+        result = load_round(out / f"round-{number:04d}")
+        assert sorted(result.accepted.values()) == sorted(sizes.values())
+        assert len(result.dropped) == 3, result.dropped
+        reasons = " | ".join(result.dropped.values())
+        assert "finite" in reasons and "norm" in reasons, reasons
+        assert result.info["clients"] == 6 and result.info["bytes_received"] > 0
+        # the aggregate is the example-weighted mean of the accepted clients' updates, as received
+        updates = {c: load_adapter(out / f"round-{number:04d}" / "updates" / c) for c in result.accepted}
+        total = sum(result.accepted.values())
+        got = load_adapter(result.adapter)
+        for key, value in got.tensors.items():
+            mean = sum(updates[c].tensors[key].double() * n for c, n in result.accepted.items()) / total
+            torch.testing.assert_close(value.double(), mean.to(value.dtype).double(), rtol=0, atol=0)
+    assert load_round(out / "round-0002").info["bytes_sent_per_client"] > 0  # round 2 starts from round 1's aggregate
+    round2_start = json.loads((tmp_path / "alice" / "round-0002" / "start" / "manifest.json").read_text())
+    assert round2_start["training"]["federated"]["round"] == 1
+    assert final == load_round(out / "round-0002").adapter
+    plugin_checkpoint(root / "base", final, tmp_path / "plugged", emulator=emulator)
+
+
+def test_bad_settings_are_refused_before_anything_starts(world, tmp_path):
+    root, emulator = world
+    with pytest.raises(ConfigError, match="--insecure"):
+        serve(ServerConfig(emulator=str(emulator), out=str(tmp_path / "f")), RECIPE)
+    with pytest.raises(ConfigError, match="eval_tasks needs --model"):
+        ServerConfig(emulator=str(emulator), out=str(tmp_path / "f"), eval_tasks="arc_easy")
+    with pytest.raises(ConfigError, match="host:port"):
+        join(ClientConfig(superlink="nowhere", bundle=str(emulator), task="arc_easy", work=str(tmp_path / "c"), insecure=True))
+    with pytest.raises(ConfigError, match="one of --data"):
+        join(ClientConfig(bundle=str(emulator), work=str(tmp_path / "c"), insecure=True))
+    assert not (tmp_path / "f").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_cli_refuses_in_one_line(world, tmp_path, capsys):
+    from offsite.cli import main
+
+    root, emulator = world
+    assert main(["federate", "server", "--emulator", str(emulator), "--out", str(tmp_path / "f"), "--max-steps", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--insecure" in err
+    assert main(["federate", "client", "--bundle", str(tmp_path / "missing"), "--task", "arc_easy", "--work", str(tmp_path / "c"),
+                 "--insecure"]) == 1
+    assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists() and not (tmp_path / "c").exists()
