@@ -49,8 +49,11 @@ def test_three_owners_two_rounds_poisoned_dropped_and_a_restart_resumes(world, t
     nodes = [client(tmp_path, emulator, name, n, port) for name, n in sizes.items()]
     nodes += [client(tmp_path, emulator, f"mallory-{kind}", 5, port, poison=kind) for kind in ("nan", "key", "norm")]
     out = tmp_path / "federation"
+    docs = tmp_path / "held_out.jsonl"
+    docs.write_text("".join(json.dumps({"context": f"Question {j}:", "choices": [" answer 0", " answer 1", " answer 2"], "gold": j % 3})
+                            + "\n" for j in range(6)))
     config = ServerConfig(emulator=str(emulator), out=str(out), rounds=1, min_clients=6, wait_s=120, round_timeout_s=300,
-                          port=port, insecure=True)
+                          port=port, insecure=True, model=str(root / "base"), eval_tasks=str(docs))
     try:
         serve(config, RECIPE, "flower_apps:server_app", "flower_apps:client_app", app_files=(HERE / "flower_apps.py",))
         first = load_round(out / "round-0001")
@@ -70,6 +73,8 @@ def test_three_owners_two_rounds_poisoned_dropped_and_a_restart_resumes(world, t
         reasons = " | ".join(result.dropped.values())
         assert "finite" in reasons and "norm" in reasons, reasons
         assert result.info["clients"] == 6 and result.info["bytes_received"] > 0
+        scores = json.loads((out / f"round-{number:04d}" / "eval.json").read_text())  # the owner's plug-in, scored each round
+        assert scores[str(docs)]["n"] == 6 and 0 <= scores[str(docs)]["acc"] <= 1
         # the aggregate is the example-weighted mean of the accepted clients' updates, as received
         updates = {c: load_adapter(out / f"round-{number:04d}" / "updates" / c) for c in result.accepted}
         total = sum(result.accepted.values())
