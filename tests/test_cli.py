@@ -247,3 +247,36 @@ def test_print_config_shows_the_effective_options_and_reads_back(tmp_path, capsy
     assert capsys.readouterr().out == printed
     assert main(["compress", "--method", "gradot", "--target-fraction", "0.5", "--model", "m", "--out", "o", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["target_fraction"] == 0.5
+
+
+def test_help_is_the_fields_comment_with_real_defaults_choices_and_groups(capsys):
+    """#21: a flag's help is its config field's comment (so --lr says what its default means), enumerated
+    fields list their choices, required ones say so, and compress -h groups the flags by method."""
+    from offsite.cli import main
+
+    def help_of(*argv):
+        with pytest.raises(SystemExit):
+            main([*argv, "-h"])
+        return " ".join(capsys.readouterr().out.split())
+
+    finetune = help_of("finetune")
+    assert "--lr LR default: 5e-5 for full blocks, 3e-4 for LoRA" in finetune and "(default: None)" not in finetune.split("--lr LR")[1][:60]
+    assert "--schedule {linear,cosine,constant_with_warmup}" in finetune and "--report-to {none,tensorboard}" in finetune
+    compress = help_of("compress")
+    for method in ("layerdrop", "gradot", "crash", "scaleot"):
+        assert f"--method {method}:" in compress
+    gradot = compress.split("--method gradot:")[1].split("--method crash:")[0]
+    assert "--target-fraction" in gradot and "Also takes --num-kept" in gradot and "--score {gradient,magnitude}" in gradot
+    assert "--emulator EMULATOR the emulator bundle issued" in help_of("federate", "server") and "(required)" in help_of("federate", "server")
+
+
+def test_a_mistyped_flag_gets_the_nearest_one(capsys):
+    from offsite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--bundle", "b", "--lrr", "3"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --lrr 3 (did you mean --lr?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["federate", "client", "--bundel", "b"])
+    assert "(did you mean --bundle?)" in capsys.readouterr().err

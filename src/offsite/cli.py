@@ -19,6 +19,7 @@ from .errors import ConfigError, OffsiteError, UsageError
 from .options import (  # noqa: F401  (shared with the pema and service command modules)
     _reject_leftovers,
     add_dataclass_flags,
+    suggest_option,
     build_dataclass,
     merged_options,
     print_summary,
@@ -384,9 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
     _stream_flags(p, "LayerDrop and GradOT compress without loading the whole model (default); --no-stream loads it")
+    from .methods.configs import EmulatorConfig
+
     seen: set[str] = set()
-    for config_class in METHOD_CONFIGS.values():
-        add_dataclass_flags(p, config_class, seen)
+    add_dataclass_flags(p.add_argument_group("every method (the adapter: bottom and top blocks)"), EmulatorConfig, seen)
+    for method, config_class in METHOD_CONFIGS.items():  # a flag shared by methods is listed under the first
+        shared = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config_class) if f.name in seen
+                  and f.name not in {g.name for g in dataclasses.fields(EmulatorConfig)}]
+        about = (config_class.__doc__ or "").split("\n")[0] + (f" Also takes {', '.join(shared)} (listed above)." if shared else "")
+        add_dataclass_flags(p.add_argument_group(f"--method {method}", about), config_class, seen)
 
     p = command("distill", cmd_distill, "Owner: distil an emulator's middle blocks towards the full model (OT + KD).")
     p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
@@ -496,8 +503,21 @@ def add_trust_flags(p: argparse.ArgumentParser) -> None:
                    help=f"norm bound on adapter tensors relative to the weights they change; 0 disables (default: {MAX_NORM_RATIO:g})")
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)sub-command parser that `args` went through: where an unknown flag belongs."""
+    for dest in ("command", "side", "action"):
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction) and a.dest == dest), None)
+        if sub is None or getattr(args, dest, None) not in sub.choices:
+            break
+        parser = sub.choices[getattr(args, dest)]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # as argparse would say, plus the nearest flag of that command
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}{suggest_option(_chosen_parser(parser, args), unknown)}")
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every offsite bar honours it (offsite.progress)
     try:

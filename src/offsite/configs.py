@@ -4,6 +4,7 @@ and what offsite.training and offsite.distill run with."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .errors import ConfigError
 
@@ -19,6 +20,8 @@ TENSORBOARD_INSTALL = "pip install tensorboard==2.21.0 (the 'logs' extra)"
 @dataclass
 class FinetuneConfig:
     """How the data owner trains the adapter. Every field is also a CLI flag and a YAML key."""
+
+    CHOICES: ClassVar[dict] = {"schedule": SCHEDULES, "mixed_precision": PRECISIONS, "report_to": REPORTERS}
 
     lora: bool = False  # LoRA on the adapter blocks' linear layers instead of training them fully
     lora_r: int = 8

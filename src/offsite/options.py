@@ -35,24 +35,74 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, seen: set[str] | None = None) -> None:
-    """One `--field-name` flag per dataclass field; unset flags stay out of the namespace."""
+def field_docs(cls) -> dict[str, str]:
+    """Each field's trailing comment in the class source (`lr: float | None = None  # the comment`), base
+    classes included: what the flags' help says, so the comment beside a default is its documentation."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        for node in ast.parse(textwrap.dedent(source)).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.lineno in comments:
+                docs[node.target.id] = comments[node.lineno]
+    return docs
+
+
+def _help(cls, field, doc: str | None) -> str:
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if field.name in getattr(cls, "REQUIRED", ()):
+        tail = "(required)"
+    elif doc and "default" in doc:
+        tail = ""  # the comment says what the default means
+    else:
+        tail = f"(default: {default!r})" if isinstance(default, str) else f"(default: {default})"
+    return " ".join(part for part in (doc, tail) if part).replace("%", "%%")
+
+
+def add_dataclass_flags(parser, cls, seen: set[str] | None = None) -> None:
+    """One `--field-name` flag per dataclass field (on a parser or an argument group): the help is the
+    field's comment and its default (or "required", for the names in `cls.REQUIRED`); the names in
+    `cls.CHOICES` take only those values. Unset flags stay out of the namespace."""
     seen = seen if seen is not None else set()
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    choices = getattr(cls, "CHOICES", {})
     for field in dataclasses.fields(cls):
         if field.name in seen:
             continue
         seen.add(field.name)
         flag = "--" + field.name.replace("_", "-")
         tp = _base_type(hints[field.name])
-        default = field.default if field.default is not dataclasses.MISSING else None
-        kw = dict(dest=field.name, default=argparse.SUPPRESS, help=f"(default: {default})")
+        kw = dict(dest=field.name, default=argparse.SUPPRESS, help=_help(cls, field, docs.get(field.name)))
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is list:
             parser.add_argument(flag, type=_int_list, metavar="I,J,...", **kw)
         else:
-            parser.add_argument(flag, type=tp, **kw)
+            parser.add_argument(flag, type=tp, choices=choices.get(field.name), **kw)
+
+
+def suggest_option(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """ " (did you mean --lr?)" for the first unknown flag close to one of `parser`'s, else ""."""
+    import difflib
+
+    known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
 
 
 def build_dataclass(cls, values: dict):

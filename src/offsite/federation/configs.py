@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from ..configs import MAX_NORM_RATIO
@@ -29,6 +30,8 @@ class ServerConfig:
 
     The training recipe (offsite.configs.FinetuneConfig; `max_steps` = local steps per round) is the
     federation's, sent to every client each round, so all updates of a round are alike."""
+
+    REQUIRED: ClassVar[tuple] = ("emulator", "out")
 
     emulator: str = ""  # the emulator bundle issued to the data owners (its manifest is the owner's record)
     out: str = ""  # federation directory: round-NNNN/ (aggregated adapter, round.json, updates/), flower/
@@ -70,6 +73,8 @@ class ServerConfig:
 class ClientConfig:
     """A data owner's side: its private data and the emulator bundle it was issued; its SuperNode
     trains the federation's recipe on them each round and returns only the adapter."""
+
+    REQUIRED: ClassVar[tuple] = ("bundle", "work")
 
     superlink: str = f"127.0.0.1:{DEFAULT_PORT}"  # the owner's server, host:port
     bundle: str = ""  # the emulator bundle (as downloaded from the owner)

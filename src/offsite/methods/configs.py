@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..errors import ConfigError
 
@@ -91,6 +92,8 @@ LAMBDA_SCALES = ("absolute", "balanced")
 class GradOTConfig(EmulatorConfig):
     """GradOT settings. The support set is generic text, or a built-in task's training examples."""
 
+    CHOICES: ClassVar[dict] = {"lambda_scale": LAMBDA_SCALES, "score": SCORES}
+
     target_fraction: float = 0.65  # emulator middle parameters / original middle parameters
     num_kept: int | None = None  # optional LayerDrop first (uniform stride), as in "layerdrop"
     kept_blocks: list[int] | None = None
@@ -142,6 +145,8 @@ KEEP = ("medoid", "first", "last")
 class CrashConfig(EmulatorConfig):
     """CRaSh: `num_clusters` clusters of consecutive middle blocks, one block kept per cluster."""
 
+    CHOICES: ClassVar[dict] = {"keep": KEEP}
+
     num_clusters: int | None = None
     share: bool = True  # repeat the kept block at every position of its cluster (depth kept)
     keep: str = "medoid"  # which block of a cluster is kept: medoid | first | last
@@ -175,6 +180,8 @@ RANKINGS = ("learned", "direct")
 @dataclass
 class ImportanceConfig:
     """ScaleOT stage (a). Steps count (harmonizer step + importance step) pairs."""
+
+    CHOICES: ClassVar[dict] = {"activation": ACTIVATION_NAMES, "objective": OBJECTIVES, "mixed_precision": ("auto", "no", "bf16")}
 
     num_bottom: int = 2  # adapter the artifact is made for: harmonizers cover the blocks in between
     num_top: int = 2
@@ -259,6 +266,8 @@ class ScaleOTConfig(EmulatorConfig):
     important, round half up), in [0, 1]. beta: fraction of rank KEPT in the attention projections
     of the kept middle blocks, in (0, 1]: rank ceil(beta * min(in, out)); 1 = verbatim.
     """
+
+    CHOICES: ClassVar[dict] = {"ranking": RANKINGS}
 
     artifact: str | None = None  # directory written by `offsite scaleot-importance`
     alpha: float = 0.5

@@ -4,6 +4,7 @@ offsite.pema.memory, .train and .generate run with."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..errors import ConfigError
 
@@ -14,6 +15,8 @@ CONTEXTS = ("greedy", "gold")
 @dataclass
 class MemoryConfig:
     """How the external memory is built. Every field is also a CLI flag and a YAML key."""
+
+    CHOICES: ClassVar[dict] = {"contexts": CONTEXTS}
 
     contexts: str = "greedy"  # greedy: prompt + the model's own predictions (PEMA); gold: teacher forcing
     batch_size: int = 8  # prompts per representation request
