@@ -113,3 +113,52 @@ def test_the_cli_refuses_in_one_line(world, tmp_path, capsys):
                  "--insecure"]) == 1
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "f").exists() and not (tmp_path / "c").exists()
+
+
+def test_late_failed_and_malformed_replies_are_dropped_with_their_reason(world, tmp_path):
+    """The owner's side of a round's replies, without the engine: a client that errors, one whose reply is
+    not an update, and one that never answered within the timeout are each dropped with why."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from offsite.federation.apps import receive_updates
+    from offsite.federation.wire import bundle_record
+    from offsite.training import FinetuneConfig, finetune
+
+    root, emulator = world
+    adapter = finetune(emulator, [Example("Q:", " a")] * 4, tmp_path / "run", FinetuneConfig(max_steps=1, batch_size=2, max_length=16),
+                       progress=False)
+
+    def reply(node, content=None, error=None):
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
+                               error=SimpleNamespace(reason=error), content=content)
+
+    from flwr.app import MetricRecord
+
+    good = RecordDict({"adapter": bundle_record(adapter), "metrics": MetricRecord({"num-examples": 4})})
+    replies = [reply(1, good), reply(2, error="CUDA out of memory"), reply(3, RecordDict({"metrics": ConfigRecord({"x": 1})}))]
+    updates, dropped, received = receive_updates(replies, [1, 2, 3, 4], tmp_path / "updates", timeout_s=30)
+    assert [u.client for u in updates] == ["node-1"] and updates[0].examples == 4 and received > 0
+    assert load_adapter(updates[0].adapter).tensors.keys() == load_adapter(adapter).tensors.keys()
+    assert "CUDA out of memory" in dropped["node-2"]
+    assert "not an adapter update" in dropped["node-3"]
+    assert "no reply within the round timeout (30 s)" in dropped["node-4"]
+
+
+def test_a_received_bundle_cannot_write_outside_its_folder(tmp_path):
+    from flwr.app import Array, ArrayRecord
+
+    from offsite.errors import BundleError
+    from offsite.federation.wire import STYPE, write_record
+
+    def file(data: bytes):
+        return Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=data)
+
+    for name in ("../escape.txt", "/abs.txt", "a/../../b", "a\\b"):
+        with pytest.raises(BundleError, match="unsafe path"):
+            write_record(ArrayRecord({"manifest.json": file(b"{}"), name: file(b"x")}), tmp_path / "in")
+    with pytest.raises(BundleError, match="not a byte array"):
+        write_record(ArrayRecord({"manifest.json": Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=b"\0" * 4)}),
+                     tmp_path / "in")
+    assert not (tmp_path / "in").exists() and not (tmp_path / "escape.txt").exists()
