@@ -2,6 +2,8 @@
 
 import json
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -280,3 +282,26 @@ def test_a_mistyped_flag_gets_the_nearest_one(capsys):
     with pytest.raises(SystemExit):
         main(["federate", "client", "--bundel", "b"])
     assert "(did you mean --bundle?)" in capsys.readouterr().err
+
+
+def test_a_manifest_is_a_config_the_run_can_be_repeated_from(tmp_path, capsys):
+    """#21: an adapter manifest's training section and an emulator's method parameters feed back as --config."""
+    import json
+
+    from offsite.cli import main
+    from offsite.configs import FinetuneConfig
+    from offsite.options import build_dataclass, load_yaml
+
+    training = {**dataclasses.asdict(FinetuneConfig(lora=True, lr=2e-4, max_steps=7)), "learning_rate": 2e-4, "precision": "no",
+                "federated": {"round": 1}}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format": "offsite-bundle", "kind": "adapter", "training": training}))
+    assert build_dataclass(FinetuneConfig, load_yaml(str(manifest))) == FinetuneConfig(lora=True, lr=2e-4, max_steps=7)
+    assert main(["finetune", "--config", str(manifest), "--seed", "3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "lora: true" in printed and "max_steps: 7" in printed and "seed: 3" in printed
+    emulator = tmp_path / "emulator.json"
+    emulator.write_text(json.dumps({"format": "offsite-bundle", "kind": "emulator",
+                                    "method": {"name": "gradot", "params": {"num_bottom": 2, "num_top": 2, "target_fraction": 0.5,
+                                                                            "result": {"middle_fraction": 0.5}}}}))
+    assert load_yaml(str(emulator)) == {"method": "gradot", "num_bottom": 2, "num_top": 2, "target_fraction": 0.5}

@@ -174,7 +174,25 @@ def load_yaml(path: str | None) -> dict:
         raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of option names to values")
+    if data.get("format") == "offsite-bundle":
+        data = manifest_options(data, p)
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+# What a manifest records beside the options themselves (derived or run facts), not fed back.
+_RECORDED_ONLY = {"learning_rate", "precision", "federated", "result"}
+
+
+def manifest_options(manifest: dict, where) -> dict:
+    """The options a bundle was made with, as a config: an adapter's `training` section (finetune),
+    an emulator's method and its parameters (compress). `--config run/adapter/manifest.json` reruns it."""
+    if manifest.get("kind") == "adapter" and isinstance(manifest.get("training"), dict):
+        return {k: v for k, v in manifest["training"].items() if k not in _RECORDED_ONLY}
+    method = manifest.get("method")
+    if manifest.get("kind") == "emulator" and isinstance(method, dict) and isinstance(method.get("params"), dict):
+        return {"method": method.get("name"), **{k: v for k, v in method["params"].items() if k not in _RECORDED_ONLY}}
+    raise ConfigError(f"{where} is an offsite {manifest.get('kind')!r} manifest; only adapter and emulator manifests "
+                      "hold options to reuse")
 
 
 def merged_options(args: argparse.Namespace) -> dict:
