@@ -1,8 +1,7 @@
 """The command line, end to end on a tiny model, including YAML configs and one-line errors."""
 
-import json
-
 import dataclasses
+import json
 
 import pytest
 import yaml
