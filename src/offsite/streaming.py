@@ -198,10 +198,12 @@ class StoredCheckpoint:
                     pass
             return reader.fingerprint()
 
-    def load_blocks(self, kept: list[int]):
+    def load_blocks(self, kept: list[int], shared: dict[str, torch.Tensor] | None = None):
         """The model with only blocks `kept` (original indices, ascending), renumbered, as
         `surgery.build_reduced_model` makes it from the loaded model, but reading only those blocks'
-        tensors: peak memory is the reduced model, never the whole one."""
+        tensors: peak memory is the reduced model, never the whole one. `shared`: a cache of the
+        tensors outside the blocks (embeddings, final norm, head), filled on the first call, so a
+        caller that loads one block after another reads them once."""
         from transformers.initialization import no_init_weights
 
         layout = self.layout
@@ -214,7 +216,12 @@ class StoredCheckpoint:
                 original = name if parsed is None else layout.block_key(kept[parsed[0]], parsed[1])
                 if original not in self.source:
                     raise UnsupportedModelError(f"{layout.model_type}: the reduced model has {name}, which the checkpoint does not fill")
-                target.copy_(self.tensor(original))
+                if parsed is None and shared is not None:
+                    if original not in shared:
+                        shared[original] = self.tensor(original)
+                    target.copy_(shared[original])
+                else:
+                    target.copy_(self.tensor(original))
         model.tie_weights()
         generation = generation_config_of(self.path)
         if generation is not None:
