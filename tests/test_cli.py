@@ -304,3 +304,35 @@ def test_a_manifest_is_a_config_the_run_can_be_repeated_from(tmp_path, capsys):
                                     "method": {"name": "gradot", "params": {"num_bottom": 2, "num_top": 2, "target_fraction": 0.5,
                                                                             "result": {"middle_fraction": 0.5}}}}))
     assert load_yaml(str(emulator)) == {"method": "gradot", "num_bottom": 2, "num_top": 2, "target_fraction": 0.5}
+
+
+def test_environment_values_and_nested_overrides(tmp_path, capsys, monkeypatch):
+    """#21: OFFSITE_<COMMAND>_<OPTION> sets an option (checked like YAML; a flag still wins), and --set
+    overrides a nested key of a report's YAML config."""
+    from offsite.errors import ConfigError
+    from offsite.report import ReportConfig
+
+    monkeypatch.setenv("OFFSITE_FINETUNE_LR", "1e-4")
+    monkeypatch.setenv("OFFSITE_FINETUNE_LORA", "true")
+    monkeypatch.setenv("OFFSITE_FINETUNE_SEED", "4")
+    assert main(["finetune", "--seed", "5", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lr"] == 1e-4 and printed["lora"] is True and printed["seed"] == 5
+    monkeypatch.setenv("OFFSITE_FINETUNE_MAX_STEPS", "two")
+    assert main(["finetune", "--print-config"]) == 1
+    assert "max_steps must be a whole number" in capsys.readouterr().err
+    monkeypatch.setenv("OFFSITE_FEDERATE_SERVER_ROUNDS", "2.5")
+    assert main(["federate", "server", "--emulator", "e", "--out", str(tmp_path / "f"), "--insecure"]) == 1
+    assert "rounds must be a whole number" in capsys.readouterr().err
+
+    config = tmp_path / "report.yaml"
+    config.write_text(yaml.safe_dump({"model": "m", "tasks": "arc_easy", "finetune": {"lr": 2e-4, "epochs": 2}}))
+    from offsite.options import load_yaml, set_nested
+
+    data = load_yaml(str(config))
+    set_nested(data, ["finetune.lr=1e-4", "method_params.num_kept=20", "tasks=[piqa, sciq]"])
+    built = ReportConfig.from_dict(data)
+    assert built.finetune.lr == 1e-4 and built.finetune.epochs == 2 and built.method_params == {"num_kept": 20}
+    assert built.tasks == ["piqa", "sciq"]
+    with pytest.raises(ConfigError, match="lr must be a number"):
+        ReportConfig.from_dict({"model": "m", "finetune": {"lr": "fast"}})

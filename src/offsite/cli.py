@@ -19,6 +19,7 @@ from .errors import ConfigError, OffsiteError, UsageError
 from .options import (  # noqa: F401  (shared with the pema and service command modules)
     _reject_leftovers,
     add_dataclass_flags,
+    env_options,
     suggest_option,
     build_dataclass,
     merged_options,
@@ -459,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=argparse.SUPPRESS, help="training examples per task")
     p.add_argument("--full-finetune", action="store_true", default=argparse.SUPPRESS, help="also the full fine-tuning baseline")
     p.add_argument("--healing-steps", type=int, default=argparse.SUPPRESS, help="privacy check: heal the emulator for N steps")
+    p.add_argument("--set", action="append", metavar="KEY.SUB=VALUE",
+                   help="set a nested key of the YAML config (repeatable), e.g. --set finetune.lr=1e-4 --set method_params.num_kept=20")
 
     p = command("demo", cmd_demo, "The two-party round trip on the default real model, with the five-number table.")
     p.add_argument("--out", default=argparse.SUPPRESS, help="(default: runs/demo)")
@@ -503,25 +506,28 @@ def add_trust_flags(p: argparse.ArgumentParser) -> None:
                    help=f"norm bound on adapter tensors relative to the weights they change; 0 disables (default: {MAX_NORM_RATIO:g})")
 
 
-def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
-    """The (sub-)sub-command parser that `args` went through: where an unknown flag belongs."""
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The (sub-)sub-command parser that `args` went through (where an unknown flag belongs), and its path."""
+    path = []
     for dest in ("command", "side", "action"):
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction) and a.dest == dest), None)
         if sub is None or getattr(args, dest, None) not in sub.choices:
             break
         parser = sub.choices[getattr(args, dest)]
-    return parser
+        path.append(getattr(args, dest))
+    return parser, path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    chosen, path = _chosen_parser(parser, args)
     if unknown:  # as argparse would say, plus the nearest flag of that command
-        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}{suggest_option(_chosen_parser(parser, args), unknown)}")
+        chosen.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_option(chosen, unknown)}")
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every offsite bar honours it (offsite.progress)
     try:
-        opts = merged_options(args)
+        opts = merged_options(args, env_options(chosen, path))
         if opts.pop("print_config", False):
             print_config(args.command, opts)
             return 0

@@ -3,6 +3,9 @@ and what offsite.training and offsite.distill run with."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -102,3 +105,61 @@ class DistillConfig:
 # models at lr 1e-2); it stops absurd values (overflow in bf16, a "model" that is just noise).
 MAX_NORM_RATIO = 100.0
 NORM_FLOOR_RMS = 0.1
+
+
+# ---------------------------------------------------------------- typed values (YAML, manifests, env)
+def build_dataclass(cls, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no option(s) {unknown}")
+    return cls(**typed_values(cls, values))
+
+
+def typed_values(cls, values: dict) -> dict:
+    """`values` (from YAML or a manifest) checked against the dataclass's field types, with one-line errors:
+    PyYAML reads `1e-4` as a string (a float field takes it), and a quoted "no" is not false."""
+    hints = typing.get_type_hints(cls)
+    return {name: _typed(cls.__name__, name, hints[name], value) if name in hints else value for name, value in values.items()}
+
+
+def _typed(owner: str, name: str, hint, value):
+    where = f"{owner}.{name}"
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return _typed(owner, name, candidate, value)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be a whole number, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML leaves 1e-4 (no dot) a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_typed(owner, f"{name}[{i}]", args[0], v) for i, v in enumerate(value)] if args else value
+    return value

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from .configs import build_dataclass, typed_values  # noqa: F401  (re-exported: the command modules take them from here)
 from .errors import BundleError, ConfigError, UsageError
 
 
@@ -105,63 +106,6 @@ def suggest_option(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     return ""
 
 
-def build_dataclass(cls, values: dict):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{cls.__name__} has no option(s) {unknown}")
-    return cls(**typed_values(cls, values))
-
-
-def typed_values(cls, values: dict) -> dict:
-    """`values` (from YAML or a manifest) checked against the dataclass's field types, with one-line errors:
-    PyYAML reads `1e-4` as a string (a float field takes it), and a quoted "no" is not false."""
-    hints = typing.get_type_hints(cls)
-    return {name: _typed(cls.__name__, name, hints[name], value) if name in hints else value for name, value in values.items()}
-
-
-def _typed(owner: str, name: str, hint, value):
-    where = f"{owner}.{name}"
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for candidate in inner:
-            try:
-                return _typed(owner, name, candidate, value)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be a whole number, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # PyYAML leaves 1e-4 (no dot) a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    if typing.get_origin(hint) is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_typed(owner, f"{name}[{i}]", args[0], v) for i, v in enumerate(value)] if args else value
-    return value
-
-
 def load_yaml(path: str | None) -> dict:
     if not path:
         return {}
@@ -195,10 +139,55 @@ def manifest_options(manifest: dict, where) -> dict:
                       "hold options to reuse")
 
 
-def merged_options(args: argparse.Namespace) -> dict:
-    """YAML values overridden by the flags given on the command line."""
+NOT_OPTIONS = ("config", "command", "func", "quiet", "set")
+
+
+def env_options(parser: argparse.ArgumentParser, path: list[str], environ=None) -> dict:
+    """Option values from the environment: OFFSITE_<COMMAND>_<OPTION> (e.g. OFFSITE_FINETUNE_LR=1e-4,
+    OFFSITE_FEDERATE_SERVER_ROUNDS=5), read as YAML scalars and then checked as YAML values are."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    prefix = "OFFSITE_" + "_".join(p.replace("-", "_").upper() for p in path) + "_"
+    found = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in NOT_OPTIONS + ("help", "print_config"):
+            raw = environ.get(prefix + action.dest.upper())
+            if raw is not None:
+                try:
+                    found[action.dest] = yaml.safe_load(raw) if raw.strip() else raw
+                except yaml.YAMLError:
+                    found[action.dest] = raw
+    return found
+
+
+def set_nested(opts: dict, assignments: list[str]) -> None:
+    """`--set finetune.lr=1e-4 --set method_params.num_kept=20`: a nested key of the YAML config,
+    the value read as YAML (so lists and numbers stay what they are)."""
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        path = [p.replace("-", "_") for p in key.split(".")]
+        if not sep or not all(path):
+            raise UsageError(f"--set takes KEY=VALUE or KEY.SUB=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = opts
+        for name in path[:-1]:
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {key}: {name} is not a section of the config (it is {child!r})")
+            node = child
+        node[path[-1]] = value
+
+
+def merged_options(args: argparse.Namespace, env: dict | None = None) -> dict:
+    """Defaults < the --config YAML < the environment (`env_options`) < --set assignments < flags."""
     opts = load_yaml(getattr(args, "config", None))
-    opts.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "quiet")})
+    opts.update(env or {})
+    set_nested(opts, getattr(args, "set", None) or [])
+    opts.update({k: v for k, v in vars(args).items() if k not in NOT_OPTIONS})
     return opts
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bundle import model_fingerprint, read_manifest
+from .configs import build_dataclass
 from .distill import DistillConfig, distill
 from .emulator import load_checkpoint, load_emulator, save_emulator
 from .errors import ConfigError
@@ -66,12 +67,10 @@ class ReportConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"report config has no option(s) {unknown}")
-        if isinstance(data.get("finetune"), dict):
-            ft_known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-            bad = sorted(set(data["finetune"]) - ft_known)
-            if bad:
-                raise ConfigError(f"finetune has no option(s) {bad}")
-            data["finetune"] = FinetuneConfig(**data["finetune"])
+        if isinstance(data.get("finetune"), dict):  # typed as flags are: `lr: 1e-4` is a number, "no" is not false
+            data["finetune"] = build_dataclass(FinetuneConfig, data["finetune"])
+        if isinstance(data.get("distill"), dict):
+            build_dataclass(DistillConfig, data["distill"])  # checked now, before any model loads
         if isinstance(data.get("tasks"), str):
             data["tasks"] = [t for t in data["tasks"].split(",") if t]
         if isinstance(data.get("settings"), str):
@@ -151,7 +150,7 @@ def run_report(config: ReportConfig, progress: bool = True, log=print) -> dict:
         if config.distill is not None:
             distilled_dir = out / "emulator-distilled"
             if not distilled_dir.exists():
-                settings = DistillConfig(**config.distill)
+                settings = build_dataclass(DistillConfig, config.distill)
                 log(f"[owner] distilling the emulator on {settings.tokens:,} tokens of generic text")
                 distill(model_path, emulator_dir, distilled_dir, load_generic_text(5 * settings.tokens),
                         load_plain_text(settings.eval_chars), settings, resume=True, progress=progress, log=log)
