@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("compress", cmd_compress, "Owner: compress a model into an emulator bundle.")
-    p.add_argument("--model", default=argparse.SUPPRESS, help="HF checkpoint directory or a bundled asset name (smollm2-135m)")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="emulator bundle directory to create")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="(required) HF checkpoint directory or a bundled asset name (smollm2-135m)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="(required) emulator bundle directory to create")
     p.add_argument("--method", default=argparse.SUPPRESS, choices=sorted(METHOD_CONFIGS),
                    help="emulator method (default: layerdrop)")
     p.add_argument("--dtype", default=argparse.SUPPRESS, help="dtype of the emulator: auto (the checkpoint's own, default), float32, bfloat16, float16")
@@ -397,9 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_flags(p.add_argument_group(f"--method {method}", about), config_class, seen)
 
     p = command("distill", cmd_distill, "Owner: distil an emulator's middle blocks towards the full model (OT + KD).")
-    p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
-    p.add_argument("--bundle", default=argparse.SUPPRESS, help="emulator bundle to distil")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="new emulator bundle directory")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="(required) the base model the emulator was made from")
+    p.add_argument("--bundle", default=argparse.SUPPRESS, help="(required) emulator bundle to distil")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="(required) new emulator bundle directory")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing bundle")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the bundle")
@@ -414,11 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, ImportanceConfig)
 
     p = command("finetune", cmd_finetune, "Data owner: train the adapter on the emulator, export an adapter bundle.")
-    p.add_argument("--bundle", default=argparse.SUPPRESS, help="emulator bundle directory")
+    p.add_argument("--bundle", default=argparse.SUPPRESS, help="(required) emulator bundle directory")
     p.add_argument("--data", default=argparse.SUPPRESS, help="JSONL of {context, continuation} (or {text}) records")
     p.add_argument("--task", default=argparse.SUPPRESS, help="or a built-in task's train split (piqa, arc_easy, ...)")
     p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="use at most this many examples")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (adapter/ and checkpoints/ go inside)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="(required) run directory (adapter/ and checkpoints/ go inside)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing adapter")
     p.add_argument("--sign-key", default=argparse.SUPPRESS, help="your private key (offsite keygen): sign the adapter bundle")
@@ -427,11 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, FinetuneConfig)
 
     p = command("plugin", cmd_plugin, "Owner: plug an adapter bundle into the full model.")
-    p.add_argument("--model", default=argparse.SUPPRESS, help="the base model the emulator was made from")
-    p.add_argument("--adapter", default=argparse.SUPPRESS, help="adapter bundle directory")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="(required) the base model the emulator was made from")
+    p.add_argument("--adapter", default=argparse.SUPPRESS, help="(required) adapter bundle directory")
     p.add_argument("--emulator", default=argparse.SUPPRESS,
                    help="(required) the emulator bundle you issued; only its manifest is read")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="directory for the adapted model")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="(required) directory for the adapted model")
     p.add_argument("--keep-lora", action="store_true", default=argparse.SUPPRESS, help="write a PEFT adapter instead of merging")
     _stream_flags(p, "a merged plug-in streams the base checkpoint tensor by tensor (default); --no-stream loads the model")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace an existing output")
