@@ -92,26 +92,38 @@ def check_issued(bundle: AdapterBundle, issued: dict) -> None:
 
 def norm_bound(reference: torch.Tensor, ratio: float) -> float:
     """Largest Frobenius norm accepted for a tensor that replaces or updates `reference`."""
-    ref = float(torch.linalg.vector_norm(reference.detach().float()))
+    ref = float(torch.linalg.vector_norm(reference.detach(), dtype=torch.float32)) if reference.numel() else 0.0
     return ratio * max(ref, NORM_FLOOR_RMS * math.sqrt(reference.numel()))
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Same keys, same shapes, float32/bfloat16/float16 and finite. `expected` maps key -> reference tensor."""
+def _check_keys(tensors, expected: dict[str, torch.Tensor]) -> None:
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise PluginError(f"adapter holds tensors outside the allowed adapter parameters: {[k[:100] for k in unexpected[:3]]}")
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise PluginError(f"adapter lacks tensors for: {missing[:3]}")
+
+
+def _check_value(key: str, value: torch.Tensor, ref: torch.Tensor) -> float:
+    """Shape, dtype and finite values of one adapter tensor; returns its Frobenius norm. One pass: the
+    norm is finite exactly when every value is (a NaN or infinity anywhere makes it so), and only a
+    non-finite norm pays for the element-wise check that tells NaN apart from mere overflow."""
+    if tuple(value.shape) != tuple(ref.shape):
+        raise PluginError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(ref.shape)}")
+    if value.dtype not in DTYPES.values():
+        raise PluginError(f"adapter tensor {key} has dtype {value.dtype}; only floating float32, bfloat16, float16 are accepted")
+    norm = float(torch.linalg.vector_norm(value, dtype=torch.float32)) if value.numel() else 0.0
+    if not math.isfinite(norm) and not torch.isfinite(value).all():
+        raise PluginError(f"adapter tensor {key} contains NaN or infinite values")
+    return norm
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Same keys, same shapes, float32/bfloat16/float16 and finite. `expected` maps key -> reference tensor."""
+    _check_keys(tensors, expected)
     for key, value in tensors.items():
-        ref = expected[key]
-        if tuple(value.shape) != tuple(ref.shape):
-            raise PluginError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(ref.shape)}")
-        if value.dtype not in DTYPES.values():
-            raise PluginError(f"adapter tensor {key} has dtype {value.dtype}; only floating float32, bfloat16, float16 are accepted")
-        if not torch.isfinite(value).all():
-            raise PluginError(f"adapter tensor {key} contains NaN or infinite values")
+        _check_value(key, value, expected[key])
 
 
 def _check_norm(key: str, norm: float, reference: torch.Tensor, ratio: float | None) -> None:
@@ -191,12 +203,15 @@ def check_full_blocks(bundle: AdapterBundle, expected: dict[str, torch.Tensor], 
     """Every check a full-block adapter passes before it replaces anything: the allow-list and shapes
     (`expected`, key -> tensor of the model's shape and dtype), finite values, the norm bound against
     `reference_of(key)` (the weights it replaces) and finiteness in the model's dtype."""
-    _check_tensors(bundle.tensors, expected)
-    for key, value in bundle.tensors.items():
+    _check_keys(bundle.tensors, expected)
+    for key in bundle.tensors:
+        value = bundle.tensors[key]  # read once (a lazily loaded adapter reads it from its private copy)
+        norm = _check_value(key, value, expected[key])
         if max_norm_ratio is not None:
-            _check_norm(key, float(torch.linalg.vector_norm(value.float())), reference_of(key), max_norm_ratio)
-        if not torch.isfinite(value.to(expected[key].dtype)).all():  # e.g. float32 values past bfloat16's range
-            raise PluginError(f"adapter tensor {key} overflows the model's {expected[key].dtype} (infinite once stored)")
+            _check_norm(key, norm, reference_of(key), max_norm_ratio)
+        target = expected[key].dtype
+        if value.dtype != target and value.numel() and float(value.abs().amax()) > torch.finfo(target).max:
+            raise PluginError(f"adapter tensor {key} overflows the model's {target} (infinite once stored)")
 
 
 def check_lora(model: PreTrainedModel, layout: BlockLayout, bundle: AdapterBundle, weight_of, max_norm_ratio: float | None,
