@@ -366,10 +366,9 @@ def compress_checkpoint(
             with stored:
                 if method == "layerdrop":
                     return stream_layerdrop(stored, tokenizer, out_dir, config, base_name, overwrite, sign_key, max_shard_bytes)
-                # The kept blocks only, tensor by tensor; the fingerprint from one streamed read of all of them.
+                # The kept blocks only, tensor by tensor, and the fingerprint, from one streamed read of the checkpoint.
                 block_map = config.block_map(stored.layout.num_blocks)  # a bad parameter fails here, before any weight
-                reduced = stored.load_blocks(block_map)
-                fingerprint = stored.fingerprint()
+                reduced, fingerprint = stored.load_blocks(block_map, with_fingerprint=True)
                 emulator = spec.build(stored.model, stored.layout, config, tokenizer=tokenizer, reduced=reduced)
                 return save_emulator(emulator, tokenizer, out_dir, fingerprint, base_name, overwrite=overwrite, sign_key=sign_key)
     model, tokenizer = load_checkpoint(model_path, dtype)

@@ -198,36 +198,62 @@ class StoredCheckpoint:
                     pass
             return reader.fingerprint()
 
-    def load_blocks(self, kept: list[int], shared: dict[str, torch.Tensor] | None = None):
+    def load_blocks(self, kept: list[int], shared: dict[str, torch.Tensor] | None = None, with_fingerprint: bool = False):
         """The model with only blocks `kept` (original indices, ascending), renumbered, as
         `surgery.build_reduced_model` makes it from the loaded model, but reading only those blocks'
         tensors: peak memory is the reduced model, never the whole one. `shared`: a cache of the
         tensors outside the blocks (embeddings, final norm, head), filled on the first call, so a
-        caller that loads one block after another reads them once."""
+        caller that loads one block after another reads them once. `with_fingerprint`: returns
+        (model, the base fingerprint) from one streamed pass over every tensor, the kept ones
+        copied in as they pass, so they are not read a second time for the fingerprint."""
         from transformers.initialization import no_init_weights
 
         layout = self.layout
         config = reduced_config(self.config, kept)
         with no_init_weights():  # allocated, not initialised: every tensor is overwritten below
             model = type(self.model)._from_config(config, dtype=self.dtype)
+        targets = model.state_dict()
+        wanted: dict[str, list[str]] = {}  # the checkpoint's state-dict name -> the reduced model's names it fills
+        for name in targets:
+            parsed = layout.parse_block_key(name)
+            original = name if parsed is None else layout.block_key(kept[parsed[0]], parsed[1])
+            if original not in self.source:
+                raise UnsupportedModelError(f"{layout.model_type}: the reduced model has {name}, which the checkpoint does not fill")
+            wanted.setdefault(original, []).append(name)
+        fingerprint = None
         with torch.no_grad():
-            for name, target in model.state_dict().items():
-                parsed = layout.parse_block_key(name)
-                original = name if parsed is None else layout.block_key(kept[parsed[0]], parsed[1])
-                if original not in self.source:
-                    raise UnsupportedModelError(f"{layout.model_type}: the reduced model has {name}, which the checkpoint does not fill")
-                if parsed is None and shared is not None:
-                    if original not in shared:
-                        shared[original] = self.tensor(original)
-                    target.copy_(shared[original])
-                else:
-                    target.copy_(self.tensor(original))
+            if with_fingerprint:
+                names = sorted(self.source)
+                with self.read_ahead(names) as reader:  # it hashes every tensor as it reads
+                    for name in names:
+                        if name not in wanted:
+                            for _ in reader.chunks(name):
+                                pass
+                            continue
+                        data = bytearray()
+                        for chunk in reader.chunks(name):
+                            data += chunk
+                        shape = tuple(self.state[name].shape)
+                        value = torch.frombuffer(data, dtype=self.dtype_of(name)).reshape(shape) if data else torch.empty(shape)
+                        for target in wanted[name]:
+                            targets[target].copy_(value)
+                    fingerprint = reader.fingerprint()
+            else:
+                for original, names in wanted.items():
+                    if shared is not None and layout.parse_block_key(original) is None:
+                        if original not in shared:
+                            shared[original] = self.tensor(original)
+                        value = shared[original]
+                    else:
+                        value = self.tensor(original)
+                    for target in names:
+                        targets[target].copy_(value)
         model.tie_weights()
         generation = generation_config_of(self.path)
         if generation is not None:
             model.generation_config = generation
         model.eval()
-        return model
+        return (model, fingerprint) if with_fingerprint else model
 
     def tensor(self, name: str) -> torch.Tensor:
         """State-dict tensor `name`, read whole (for the few tensors a caller must compute with)."""
