@@ -25,7 +25,9 @@ STATE = "state.json"
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", STATE)
 
 
-def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as safetensors-ready tensors keyed "<param index>.<name>" and a JSON-ready
+    rest (param groups, scalar entries): what every offsite checkpoint stores, never a pickle."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, pstate in state["state"].items():
@@ -37,7 +39,8 @@ def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The state dict `optimizer_to_flat` took apart, for `optimizer.load_state_dict`."""
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, _, name = key.partition(".")
@@ -67,7 +70,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=directory))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -129,7 +132,7 @@ def restore_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], opt
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(saved[name])
-    optimizer.load_state_dict(_optimizer_from_flat(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+    optimizer.load_state_dict(optimizer_from_flat(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..bundle import read_manifest, write_bundle
+from ..checkpoint import optimizer_from_flat, optimizer_to_flat
 from ..errors import BundleError, ConfigError
 from .configs import PemaConfig  # noqa: F401  (re-exported)
 from ..progress import bars_disabled
@@ -177,7 +178,8 @@ def _run_phase(name, adapter, params, loss_fn, memory, train_rows, val_rows, con
         state, tensors = resumed
         adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")})
         best_state = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
-        optimizer.load_state_dict(_optimizer_state(state["optimizer"], tensors))
+        optimizer.load_state_dict(optimizer_from_flat({k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")},
+                                                      state["optimizer"]))
         torch.set_rng_state(tensors["rng"])
         best, bad, history, step, losses = state["best"], state["bad"], state["history"], state["step"], state["losses"]
         validated_at = step
@@ -276,16 +278,8 @@ class PhaseCheckpoints:
         tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
         tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
         tensors["rng"] = torch.get_rng_state()
-        opt = optimizer.state_dict()
-        layout = {"param_groups": opt["param_groups"], "state": {}}
-        for index, entries in opt["state"].items():
-            layout["state"][str(index)] = {}
-            for key, value in entries.items():
-                if torch.is_tensor(value):
-                    tensors[f"opt.{index}.{key}"] = value
-                    layout["state"][str(index)][key] = "tensor"
-                else:
-                    layout["state"][str(index)][key] = value
+        opt_tensors, layout = optimizer_to_flat(optimizer)  # the format of offsite.checkpoint's optimizer state
+        tensors |= {f"opt.{k}": v for k, v in opt_tensors.items()}
         (self.dir / f"{name}.json").unlink(missing_ok=True)  # a crash between the two writes leaves no mismatched pair
         self._write(name, tensors, {**state, "optimizer": layout})
 
@@ -316,13 +310,6 @@ class PhaseCheckpoints:
         torch.set_rng_state(tensors.pop("rng"))
         adapter.load_state_dict(tensors)
         return self._json.loads((self.dir / f"{name}.done.json").read_text())
-
-
-def _optimizer_state(layout: dict, tensors: dict) -> dict:
-    state = {}
-    for index, entries in layout["state"].items():
-        state[int(index)] = {key: tensors[f"opt.{index}.{key}"] if value == "tensor" else value for key, value in entries.items()}
-    return {"param_groups": layout["param_groups"], "state": state}
 
 
 @torch.no_grad()
