@@ -162,3 +162,30 @@ def test_a_received_bundle_cannot_write_outside_its_folder(tmp_path):
         write_record(ArrayRecord({"manifest.json": Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=b"\0" * 4)}),
                      tmp_path / "in")
     assert not (tmp_path / "in").exists() and not (tmp_path / "escape.txt").exists()
+
+
+@pytest.mark.slow
+def test_lora_rounds_travel_whole_and_start_from_the_aggregate(world, tmp_path):
+    """LoRA through the engine: the bundle's PEFT view folder travels too, and round 2 starts from
+    round 1's averaged factors."""
+    root, emulator = world
+    port = free_port()
+    nodes = [client(tmp_path, emulator, name, n, port) for name, n in (("dana", 4), ("erin", 6))]
+    out = tmp_path / "federation"
+    config = ServerConfig(emulator=str(emulator), out=str(out), rounds=2, min_clients=2, wait_s=120, round_timeout_s=300,
+                          port=port, insecure=True)
+    try:
+        final = serve(config, {**RECIPE, "lora": True, "lora_r": 4, "lr": 1e-2})
+    finally:
+        for node in nodes:
+            stop(node)
+    got = load_adapter(final)
+    assert got.lora is not None and got.lora.r == 4
+    assert (final / "emulator" / "adapter_model.safetensors").exists()  # the PEFT view of the aggregate
+    for number in (1, 2):
+        result = load_round(out / f"round-{number:04d}")
+        assert sorted(result.accepted.values()) == [4, 6] and not result.dropped
+    start = load_adapter(tmp_path / "dana" / "round-0002" / "start")
+    first = load_adapter(out / "round-0001" / "adapter")
+    for key in first.tensors:
+        assert torch.equal(start.tensors[key], first.tensors[key])
