@@ -189,3 +189,62 @@ def test_lora_rounds_travel_whole_and_start_from_the_aggregate(world, tmp_path):
     first = load_adapter(out / "round-0001" / "adapter")
     for key in first.tensors:
         assert torch.equal(start.tensors[key], first.tensors[key])
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost (ca.pem, server.pem, server.key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=1))
+
+    def build(subject, issuer, public_key, signer, extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(valid["not_valid_before"])
+                   .not_valid_after(valid["not_valid_after"]))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "offsite test CA")])
+    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, key.public_key(), ca_key, [(san, False)])
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+@pytest.mark.slow
+def test_a_federation_over_tls(world, tmp_path):
+    """The README's TLS flags work: the SuperLink serves HTTPS with the owner's certificate, and the
+    SuperNodes and flwr run verify it against the CA."""
+    root, emulator = world
+    ca, cert, key = make_certificates(tmp_path)
+    port = free_port()
+    nodes = []
+    for name, n in (("fay", 4), ("gus", 5)):
+        work = tmp_path / name
+        work.mkdir()
+        save_examples([Example(f"{name} question {j}:", f" answer {j % 3}") for j in range(n)], work / "data.jsonl")
+        nodes.append(join(ClientConfig(superlink=f"127.0.0.1:{port}", bundle=str(emulator), data=str(work / "data.jsonl"),
+                                       work=str(work), root_certificates=str(ca)), wait=False))
+    out = tmp_path / "federation"
+    config = ServerConfig(emulator=str(emulator), out=str(out), rounds=1, min_clients=2, wait_s=120, round_timeout_s=300,
+                          port=port, ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certfile=str(ca))
+    try:
+        final = serve(config, RECIPE)
+    finally:
+        for node in nodes:
+            stop(node)
+    assert sorted(load_round(out / "round-0001").accepted.values()) == [4, 5]
+    assert load_adapter(final).lora is None
