@@ -42,7 +42,7 @@ def client(root: Path, emulator: Path, name: str, n: int, port: int, poison: str
 
 
 @pytest.mark.slow
-def test_three_owners_two_rounds_poisoned_dropped_and_a_restart_resumes(world, tmp_path):
+def test_three_owners_two_rounds_poisoned_dropped_and_a_restart_resumes(world, tmp_path, capsys):
     root, emulator = world
     port = free_port()
     sizes = {"alice": 4, "bob": 6, "carol": 8}
@@ -87,6 +87,13 @@ def test_three_owners_two_rounds_poisoned_dropped_and_a_restart_resumes(world, t
     assert round2_start["training"]["federated"]["round"] == 1
     assert final == load_round(out / "round-0002").adapter
     plugin_checkpoint(root / "base", final, tmp_path / "plugged", emulator=emulator)
+    from offsite.cli import main
+
+    capsys.readouterr()
+    assert main(["federate", "status", "--out", str(out)]) == 0  # the owner's summary of the rounds on disk
+    status = capsys.readouterr().out.splitlines()
+    assert status[0].startswith("round 1: 3 accepted (18 examples), 3 dropped") and "plug-in" in status[0]
+    assert sum(line.startswith("round ") for line in status) == 2 and sum("dropped node-" in line for line in status) == 6
 
 
 def test_bad_settings_are_refused_before_anything_starts(world, tmp_path):

@@ -12,7 +12,7 @@ import dataclasses
 
 from ..configs import FinetuneConfig
 from ..errors import ConfigError
-from ..options import _reject_leftovers, add_dataclass_flags, build_dataclass, split_for
+from ..options import _reject_leftovers, add_dataclass_flags, build_dataclass, split_for, take, terminal_safe
 from .configs import ClientConfig, ServerConfig
 
 FEDERATE_INSTALL = "pip install 'offsite[federate]'"
@@ -35,10 +35,42 @@ def add_federate_actions(parser: argparse.ArgumentParser) -> None:
                          description="Data owner: connect to the owner's SuperLink and train each round it sends on your "
                                      "data, from the round's aggregated adapter; only the adapter leaves. Ctrl-C to leave.")
     add_dataclass_flags(p, ClientConfig)
+    p = sides.add_parser("status", parents=[common], help="Owner: the rounds done so far (accepted, dropped and why, bytes, scores).",
+                         description="Owner: print every finished round of a federation directory from its round.json files.")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="(required) the federation directory (the server's --out)")
+
+
+def round_lines(out) -> list[str]:
+    """One line per finished round, then one per dropped client with its reason."""
+    import json
+    from pathlib import Path
+
+    from .aggregate import ROUND_FILE, load_round
+
+    lines = []
+    for path in sorted(Path(out).glob(f"round-*/{ROUND_FILE}")):
+        result = load_round(path.parent)
+        info = result.info
+        scores = path.parent / "eval.json"
+        scores = json.loads(scores.read_text()) if scores.exists() else {}
+        line = (f"round {result.round}: {len(result.accepted)} accepted ({result.examples} examples), {len(result.dropped)} dropped"
+                + (f", {info['seconds']:.0f} s, {info['bytes_received'] / 1e6:.1f} MB received" if "seconds" in info else "")
+                + "".join(f", plug-in {task} acc {100 * s['acc']:.1f}" for task, s in scores.items()))
+        lines.append(line)
+        lines += [f"  dropped {client}: {why}" for client, why in result.dropped.items()]
+    return lines
 
 
 def cmd_federate(opts: dict) -> None:
     side = opts.pop("side")
+    if side == "status":
+        out = take(opts, "out")
+        _reject_leftovers(opts)
+        lines = round_lines(out)
+        if not lines:
+            raise ConfigError(f"no finished round under {out}")
+        print("\n".join(terminal_safe(line) for line in lines))
+        return
     try:
         from . import launch
     except ImportError as e:
