@@ -305,3 +305,24 @@ def test_tensorboard_missing_is_one_clear_error_before_training(tmp_path, exampl
     with pytest.raises(ConfigError, match="needs the tensorboard package: pip install tensorboard"):
         finetune(emulator, examples, tmp_path / "run", FinetuneConfig(max_steps=1, report_to="tensorboard"), progress=False)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_trains_the_same_adapter(emulator_dir, examples, tmp_path, lora):
+    """#22's memory lever: recomputing activations in the backward pass changes nothing trained."""
+    base = dict(lora=lora, batch_size=3, epochs=2, lr=1e-3, seed=3)
+    plain = finetune(emulator_dir, examples, tmp_path / "plain", FinetuneConfig(**base), progress=False)
+    from unittest import mock
+
+    import transformers.modeling_utils as modeling_utils
+
+    with mock.patch.object(modeling_utils, "checkpoint", wraps=modeling_utils.checkpoint) as recomputed:
+        checkpointed = finetune(emulator_dir, examples, tmp_path / "ckpt", FinetuneConfig(**base, gradient_checkpointing=True),
+                                progress=False)
+    assert recomputed.call_count > 0  # the blocks ran under torch.utils.checkpoint
+    name = "adapter_model.safetensors" if lora else "adapter.safetensors"
+    a, b = load_file(plain / name), load_file(checkpointed / name)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert json.loads((checkpointed / "manifest.json").read_text())["training"]["gradient_checkpointing"] is True

@@ -46,6 +46,7 @@ class FinetuneConfig:
     log_every: int = 10
     group_by_length: bool = False  # batches of similar length (less padding); random across groups of 50 batches
     report_to: str = "none"  # "tensorboard": loss and lr every log step as TensorBoard events in the run directory
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% more compute
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

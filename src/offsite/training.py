@@ -277,6 +277,9 @@ def train(
         num_training_steps=total_steps * accelerator.num_processes,
     )
     head = model.get_output_embeddings()
+    if config.gradient_checkpointing:
+        # Non-reentrant: gradients reach the trainable blocks even where the embeddings are frozen.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, epoch, skip = 0, 0, 0
