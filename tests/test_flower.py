@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -86,6 +87,8 @@ def test_three_owners_two_rounds_poisoned_dropped_and_a_restart_resumes(world, t
     round2_start = json.loads((tmp_path / "alice" / "round-0002" / "start" / "manifest.json").read_text())
     assert round2_start["training"]["federated"]["round"] == 1
     assert final == load_round(out / "round-0002").adapter
+    with mock.patch("subprocess.Popen", side_effect=AssertionError("a Flower process was started")):
+        assert serve(config, RECIPE) == final  # all rounds done: answered from disk
     plugin_checkpoint(root / "base", final, tmp_path / "plugged", emulator=emulator)
     from offsite.cli import main
 

@@ -140,6 +140,10 @@ def serve(config: ServerConfig, recipe: dict, serverapp: str = SERVER_APP, clien
     (tests; a data owner's SuperNode runs what the app names, see --trusted-entities)."""
     check_server(config)
     out = Path(config.out)
+    done = latest_round(out)
+    if done is not None and done.round >= config.rounds:  # nothing left to run: no Flower process is started
+        print(f"offsite federate: all {config.rounds} rounds are done: {done.adapter}", flush=True)
+        return done.adapter
     home = out / "flower"
     settings = write_settings(config, out / "server.json", recipe=recipe)
     app = write_app(out / "app", settings, serverapp, clientapp)
