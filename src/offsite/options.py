@@ -154,11 +154,17 @@ def env_options(parser: argparse.ArgumentParser, path: list[str], environ=None) 
         if action.option_strings and action.dest not in NOT_OPTIONS + ("help", "print_config"):
             raw = environ.get(prefix + action.dest.upper())
             if raw is not None:
-                try:
-                    found[action.dest] = yaml.safe_load(raw) if raw.strip() else raw
-                except yaml.YAMLError:
-                    found[action.dest] = raw
+                found[action.dest] = _yaml_scalar(raw)
     return found
+
+
+def _yaml_scalar(raw: str):
+    """A value typed on a command line or in the environment, read as YAML (`1e-4`, `true`, `[a, b]`);
+    text that is not YAML, or is blank, stays the string it is."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
 
 
 def set_nested(opts: dict, assignments: list[str]) -> None:
@@ -169,10 +175,7 @@ def set_nested(opts: dict, assignments: list[str]) -> None:
         path = [p.replace("-", "_") for p in key.split(".")]
         if not sep or not all(path):
             raise UsageError(f"--set takes KEY=VALUE or KEY.SUB=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
+        value = _yaml_scalar(raw)
         node = opts
         for name in path[:-1]:
             child = node.setdefault(name, {})

@@ -367,7 +367,7 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
         names = sorted(stored.source)
         with stored.read_ahead(names) as reader:  # it hashes the base (its fingerprint) as it reads
             for name in tqdm(names, desc="plug-in (streamed)", unit="tensor", disable=bars_disabled()):
-                dtype, shape = stored.dtype_of(name), tuple(stored.state[name].shape)
+                dtype = stored.dtype_of(name)
                 out = stored.source[name] if name in primary else None
                 if name in bundle.tensors:  # replaced: its base bytes are only hashed (by the reader)
                     for _ in reader.chunks(name):
@@ -375,11 +375,8 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
                     if out is not None:
                         writer.write(out, tensor_bytes(bundle.tensors[name].to(dtype)))
                 elif name in targets:
-                    data = bytearray()
-                    for chunk in reader.chunks(name):
-                        data += chunk
+                    value = stored.as_tensor(name, reader.chunks(name))
                     if out is not None:  # W += (alpha/r) B A, in W's dtype, as PEFT's merge does
-                        value = torch.frombuffer(data, dtype=dtype).reshape(shape)
                         value += lora_delta(bundle, targets[name])
                         if not torch.isfinite(value).all():
                             raise PluginError(f"LoRA update of {targets[name][:100]} merges to infinite or NaN weights in {dtype}")

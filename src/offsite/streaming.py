@@ -230,11 +230,7 @@ class StoredCheckpoint:
                             for _ in reader.chunks(name):
                                 pass
                             continue
-                        data = bytearray()
-                        for chunk in reader.chunks(name):
-                            data += chunk
-                        shape = tuple(self.state[name].shape)
-                        value = torch.frombuffer(data, dtype=self.dtype_of(name)).reshape(shape) if data else torch.empty(shape)
+                        value = self.as_tensor(name, reader.chunks(name))
                         for target in wanted[name]:
                             targets[target].copy_(value)
                     fingerprint = reader.fingerprint()
@@ -257,7 +253,12 @@ class StoredCheckpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """State-dict tensor `name`, read whole (for the few tensors a caller must compute with)."""
-        data = bytearray().join(self.chunks(name))
+        return self.as_tensor(name, self.chunks(name))
+
+    def as_tensor(self, name: str, chunks) -> torch.Tensor:
+        """State-dict tensor `name` (writable, in the load dtype) from its bytes in pieces: `chunks(name)`
+        here or of a `read_ahead` reader."""
+        data = bytearray().join(chunks)
         shape = tuple(self.state[name].shape)
         if not data:
             return torch.empty(shape, dtype=self.dtype_of(name))

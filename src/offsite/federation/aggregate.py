@@ -27,6 +27,7 @@ from ..plugin import MAX_NORM_RATIO, check_full_blocks, check_issued, check_lora
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "round.json"
+EVAL_FILE = "eval.json"  # the owner's plug-in scores of the round, beside round.json
 
 
 class FederationError(OffsiteError):

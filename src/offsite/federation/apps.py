@@ -23,8 +23,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from ..bundle import MANIFEST
 from ..errors import OffsiteError
-from .aggregate import FederationError, RoundResult, Update, aggregate_round, latest_round, start_from
+from .aggregate import EVAL_FILE, FederationError, RoundResult, Update, aggregate_round, latest_round, start_from
 from .configs import ClientConfig, ServerConfig, read_settings
 from .wire import bundle_record, write_record
 
@@ -138,7 +139,7 @@ def run_rounds(grid: Grid, config: ServerConfig, recipe: dict) -> RoundResult | 
             _say(f"round {number}: dropped {client}: {why}")
         if evaluator is not None:
             scores = evaluator(result.adapter)
-            (result.adapter.parent / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+            (result.adapter.parent / EVAL_FILE).write_text(json.dumps(scores, indent=2) + "\n")
             line += "; plug-in " + ", ".join(f"{t} acc {100 * s['acc']:.1f}" for t, s in scores.items())
         _say(line)
         previous = result.adapter
@@ -166,7 +167,7 @@ def train_round(message: Message, config: ClientConfig) -> Message:
     examples = load_training_examples(config.bundle, config.data, config.task, config.limit, recipe.seed, config.trusted_key)
     adapter = finetune(config.bundle, examples, round_dir / "run", recipe, progress=False, trusted_key=config.trusted_key,
                        sign_key=config.sign_key, start=start)
-    trained = json.loads((adapter / "manifest.json").read_text()).get("metrics", {})
+    trained = json.loads((adapter / MANIFEST).read_text()).get("metrics", {})
     metrics = {"num-examples": len(examples)}
     metrics.update({k.replace("_", "-"): v for k, v in trained.items() if k in ("final_loss", "steps", "seconds") and v is not None})
     return Message(RecordDict({"adapter": bundle_record(adapter), "metrics": MetricRecord(metrics)}), reply_to=message)

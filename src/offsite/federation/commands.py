@@ -45,13 +45,13 @@ def round_lines(out) -> list[str]:
     import json
     from pathlib import Path
 
-    from .aggregate import ROUND_FILE, load_round
+    from .aggregate import EVAL_FILE, ROUND_FILE, load_round
 
     lines = []
     for path in sorted(Path(out).glob(f"round-*/{ROUND_FILE}")):
         result = load_round(path.parent)
         info = result.info
-        scores = path.parent / "eval.json"
+        scores = path.parent / EVAL_FILE
         scores = json.loads(scores.read_text()) if scores.exists() else {}
         line = (f"round {result.round}: {len(result.accepted)} accepted ({result.examples} examples), {len(result.dropped)} dropped"
                 + (f", {info['seconds']:.0f} s, {info['bytes_received'] / 1e6:.1f} MB received" if "seconds" in info else "")

@@ -53,9 +53,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def local_address(host: str) -> str:
+    """Where this machine reaches a server bound to `host` (a wildcard bind is reached on loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
 def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout_s: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
-    target = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    target = local_address(host)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise FederationError(f"{what} exited at start (code {process.returncode}); see {log}")
@@ -149,8 +154,7 @@ def serve(config: ServerConfig, recipe: dict, serverapp: str = SERVER_APP, clien
     app = write_app(out / "app", settings, serverapp, clientapp)
     for extra in app_files:
         shutil.copy(extra, app / Path(extra).name)
-    local = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-    write_flower_config(home, f"{local}:{config.port}", config.insecure, config.ssl_ca_certfile)
+    write_flower_config(home, f"{local_address(config.host)}:{config.port}", config.insecure, config.ssl_ca_certfile)
     env = flower_env(home)
     log = out / "superlink.log"
     superlink = None
