@@ -5,6 +5,8 @@
     python benchmarks/pema.py --task sciq --train-limit 500      # SciQ answers (only 500 training questions exist offline)
     python benchmarks/pema.py --train-limit 100 --eval-limit 50  # a quick look
     python benchmarks/pema.py --update-readme                    # also rewrite the README's PEMA table
+    python benchmarks/pema.py --train-limit 1500 --eval-limit 300 --max-new-tokens 64 --variant rank576 --rank 576
+                                                                 # one PEMA variant against the committed record
 
 Settings compared, all scored on the same evaluation prompts of the task (offsite.pema.task:
 PIQA solutions or SciQ answers; greedy decoding, the answer is the generation up to its first
@@ -40,6 +42,13 @@ contexts like "Answer: The" with the gold answer's *second* token: on SciQ the m
 predicts 4.5% of such rows and 34.8% of teacher-forced ones. PEMA also needs many more memory
 rows than the representation has dimensions (576 here): SciQ's 500 questions give about 1,000
 rows, too few to learn anything that generalises; PIQA's solutions give about 20 rows each.
+
+`--variant NAME` is the diagnosis loop: it trains only PEMA with the given settings (rank,
+dropout, lr, lambda_max) on the record's memory and scores it against the record's committed
+predictions (no adaptation, copy, LoRA, the record's PEMA) with paired bootstrap intervals, so
+one variant costs one PEMA training and one generation pass, not the whole record. lambda_max is
+chosen on the validation carve-out when `--lambda-max` is not given. Results go to
+benchmarks/results/pema/<task>/variants/.
 
 Everything is cached under --out (runs/pema by default): the head bundle, the memory (resumable),
 each trained adapter, each setting's predictions; a stage reruns only when its settings change.
@@ -85,7 +94,8 @@ def measured(fn) -> dict:
 def stage_pema(s: dict) -> dict:
     from offsite.pema import PemaConfig, train_pema_bundle
 
-    config = PemaConfig(rank=s["rank"], epochs=s["pema_epochs"], batch_size=s["pema_batch_size"], seed=s["seed"])
+    config = PemaConfig(rank=s["rank"], epochs=s["pema_epochs"], batch_size=s["pema_batch_size"], seed=s["seed"],
+                        dropout=s.get("dropout", 0.2), lr=s.get("lr", 1e-3))
     path = train_pema_bundle(s["memory"], s["head"], s["adapter"], config, overwrite=True, progress=True)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     d, r = manifest["pema"]["hidden_size"], manifest["pema"]["rank"]
@@ -97,7 +107,6 @@ def stage_lora(s: dict) -> dict:
 
     from offsite.adapter import LoraSettings
     from offsite.emulator import load_checkpoint
-    from offsite.pema import load_generation_examples
     from offsite.surgery import discover_layout, linear_module_names
     from offsite.training import FinetuneConfig, pad_token_id, tokenize_examples, train
 
@@ -139,7 +148,8 @@ def training_examples(s: dict, tokenizer):
     from offsite.pema import load_generation_examples
     from offsite.pema.parallel import with_chat_template
 
-    examples = load_generation_examples(s["task"], "train", limit=s["train_limit"] + s.get("val_limit", 0), seed=s["seed"])
+    examples = load_generation_examples(s["task"], "train", limit=s["train_limit"] + s.get("val_limit", 0), seed=s["seed"],
+                                        shots=s.get("shots", 0))
     examples = examples[s.get("val_limit", 0):]
     return with_chat_template(examples, tokenizer) if s.get("chat") else examples
 
@@ -199,6 +209,7 @@ def main() -> None:
     p.add_argument("--task", default="kjv2web", choices=["kjv2web", "web2bbe", "piqa", "sciq"], help="generation task (offsite.pema.task)")
     p.add_argument("--train-limit", type=int, default=10_000, help="training examples (KJV -> WEB ~30k, PIQA 15,561, SciQ 500)")
     p.add_argument("--val-limit", type=int, default=200, help="validation prompts carved from train (lambda for the token-level score)")
+    p.add_argument("--shots", type=int, default=0, help="style transfer: worked demonstrations at the start of every prompt")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="style transfer: prompts in the chat template")
     p.add_argument("--ot", action=argparse.BooleanOptionalAction, default=True, help="also the OT LayerDrop 2-22-2 adapter")
     p.add_argument("--ot-lr", type=float, default=1e-4)
@@ -209,7 +220,10 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=None, help="PEMA rank (default d/4)")
     p.add_argument("--pema-epochs", type=int, default=100, help="a cap per phase; validation with patience stops it")
     p.add_argument("--pema-batch-size", type=int, default=256)
-    p.add_argument("--lambda-max", type=float, default=0.9)
+    p.add_argument("--lambda-max", type=float, default=None, help="default 0.9 (a --variant without it: chosen on validation)")
+    p.add_argument("--dropout", type=float, default=0.2, help="PEMA input dropout")
+    p.add_argument("--pema-lr", type=float, default=1e-3)
+    p.add_argument("--variant", default=None, help="train and score only this PEMA variant against the committed record")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-lr", type=float, default=3e-4)
     p.add_argument("--lora-epochs", type=int, default=1)
@@ -234,25 +248,23 @@ def main() -> None:
         result = measured(lambda: STAGES[args.stage](settings))
         Path(args.stage_out).write_text(json.dumps({"settings": settings, **result}, indent=1))
         return
+    if args.variant:
+        variant(args)
+        return
+    args.lambda_max = 0.9 if args.lambda_max is None else args.lambda_max
     record(args)
 
 
-def record(args) -> None:
-    from offsite.emulator import compress_checkpoint, load_checkpoint
-    from offsite.methods import make_config
+def owner_side(args):
+    """The head bundle, the model's representation server and the external memory (each cached under --out)."""
+    from offsite.emulator import load_checkpoint
     from offsite.models import resolve_device, resolve_model
-    from offsite.pema import (GenerateConfig, MemoryConfig, RepresentationServer, build_memory, export_head_checkpoint,
-                              load_generation_examples, load_head, load_pema_adapter)
-    from offsite.pema.evaluate import best_lambda, mixture_scores
-    from offsite.pema.parallel import PARALLEL_TASKS, source_of, with_chat_template
-    from offsite.plugin import plug_in
+    from offsite.pema import MemoryConfig, RepresentationServer, build_memory, export_head_checkpoint, load_head
+    from offsite.pema.parallel import PARALLEL_TASKS
 
     out = Path(args.out)
     model_path, name = resolve_model(args.model)
-    started = time.perf_counter()
     parallel = args.task in PARALLEL_TASKS
-
-    # Owner: the head bundle. Data owner + owner: the external memory (resumable).
     head_dir = out / "head"
     if not (head_dir / "manifest.json").exists():
         export_head_checkpoint(model_path, head_dir, base_name=name, overwrite=head_dir.exists())
@@ -261,14 +273,105 @@ def record(args) -> None:
     device = resolve_device("auto").type
     server = RepresentationServer(model.to(device))
     head.check_owner(server.info())
-    chat = args.chat = args.chat and parallel and bool(getattr(head.tokenizer, "chat_template", None))
+    chat = args.chat and parallel and bool(getattr(head.tokenizer, "chat_template", None))
     common = {"task": args.task, "train_limit": args.train_limit, "val_limit": args.val_limit, "seed": args.seed, "chat": chat}
+    if args.shots:  # only when used, so the zero-shot record's cache keys stay what they were
+        common["shots"] = args.shots
     memory_settings = {**common, "contexts": args.contexts, "batch_size": args.memory_batch_size}
     memory_dir = out / f"memory-{key(memory_settings)}"
     start = time.perf_counter()
     train_examples = training_examples(common, head.tokenizer)
     build_memory(server, head.tokenizer, train_examples, memory_dir, MemoryConfig(contexts=args.contexts, batch_size=args.memory_batch_size))
-    memory_seconds = round(time.perf_counter() - start, 1)
+    return dict(out=out, model_path=model_path, name=name, head_dir=head_dir, head=head, server=server, device=device, chat=chat,
+                common=common, memory_dir=memory_dir, train_examples=train_examples, memory_seconds=round(time.perf_counter() - start, 1))
+
+
+def eval_examples(args, head, chat):
+    from offsite.pema import load_generation_examples
+    from offsite.pema.parallel import with_chat_template
+
+    examples = load_generation_examples(args.task, "eval", limit=args.eval_limit, shots=args.shots)
+    return with_chat_template(examples, head.tokenizer) if chat else examples
+
+
+def val_examples(args, head, chat):
+    from offsite.pema import load_generation_examples
+    from offsite.pema.parallel import with_chat_template
+
+    val = load_generation_examples(args.task, "train", limit=args.val_limit, seed=args.seed, shots=args.shots)
+    return with_chat_template(val, head.tokenizer) if chat else val
+
+
+def variant(args) -> None:
+    """One PEMA variant: trained on the record's memory, scored against the record's committed predictions."""
+    from offsite.pema import GenerateConfig, generate_texts, load_pema_adapter, score_generations
+    from offsite.pema.evaluate import best_lambda, mixture_scores
+    from offsite.pema.parallel import archaic_rate
+
+    committed = ROOT / "benchmarks" / "results" / "pema" / args.task
+    baselines = {k: json.loads((committed / f"{k}.json").read_text()) for k in ("none", "copy", "lora", "pema_gu")
+                 if (committed / f"{k}.json").exists()}
+    if "none" not in baselines:
+        raise SystemExit(f"--variant compares against the committed record in {committed}; it has no none.json")
+    ref = baselines["none"]["settings"]
+    for field, value in (("eval_limit", args.eval_limit), ("max_new_tokens", args.max_new_tokens)):
+        if ref.get(field) != value:
+            raise SystemExit(f"the committed record has {field} {ref.get(field)}, this run {value}: pass the record's settings")
+    o = owner_side(args)
+    started = time.perf_counter()
+    pema_settings = {"memory": str(o["memory_dir"]), "head": str(o["head_dir"]), "rank": args.rank, "pema_epochs": args.pema_epochs,
+                     "pema_batch_size": args.pema_batch_size, "seed": args.seed, "dropout": args.dropout, "lr": args.pema_lr}
+    pema_dir = o["out"] / f"pema-{key(pema_settings)}"
+    pema = run_measured("pema", {**pema_settings, "adapter": str(pema_dir / "adapter")}, pema_dir)
+    head, server = o["head"], o["server"]
+    adapter = load_pema_adapter(pema_dir / "adapter", head)
+    val = val_examples(args, head, o["chat"])
+    token_val = mixture_scores(server, head, adapter, val)
+    chosen = best_lambda(token_val)
+    lambda_max = args.lambda_max if args.lambda_max is not None else max(chosen, 0.1)
+    examples = eval_examples(args, head, o["chat"])
+    if [e.continuation.strip() for e in examples] != [p["reference"] for p in baselines["none"]["predictions"]]:
+        raise SystemExit("the evaluation references differ from the committed record's; pass the record's settings")
+    predictions = generate_texts(server, head, [e.context for e in examples], adapter,
+                                 GenerateConfig(max_new_tokens=args.max_new_tokens, lambda_max=lambda_max))
+    scores = score_generations(predictions, [e.continuation for e in examples])
+    scores["archaic_per_100_words"] = round(archaic_rate(predictions), 2)
+    mine = {"predictions": [{"reference": e.continuation.strip(), "prediction": p} for e, p in zip(examples, predictions)]}
+    scored = mixture_scores(server, head, adapter, examples, lambdas=(0.0, chosen))
+    result = {
+        "variant": args.variant, "settings": pema_settings, "lambda_max": lambda_max, "lambda_max_chosen_on": None if args.lambda_max
+        is not None else "validation mixture NLL", "scores": scores, "training": pema,
+        "token": {"lambda": chosen, "nll_model": scored[0.0]["nll"], "nll_mixture": scored[chosen]["nll"], "acc_model": scored[0.0]["acc"],
+                  "acc_mixture": scored[chosen]["acc"],
+                  "interval": mean_interval(scored[chosen]["example_nll"], scored[0.0]["example_nll"])},
+        "validation_mixture": {str(k): {"nll": v["nll"], "acc": v["acc"]} for k, v in token_val.items()},
+        "bleu_vs": {k: bleu_interval(mine, b) for k, b in baselines.items()},
+        "seconds": round(time.perf_counter() - started, 1), **mine,
+    }
+    target = committed / "variants" / f"{args.variant}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1))
+    m = pema["result"]["metrics"]
+    print(f"{args.variant}: BLEU {scores['bleu']:.1f}, archaic {scores['archaic_per_100_words']:.2f}; val next-token accuracy "
+          f"PEMA {100 * m['val_accuracy_pema']:.1f}% vs model {100 * m['val_accuracy_lm']:.1f}%; "
+          + ", ".join(f"vs {k} {d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for k, (d, lo, hi) in result["bleu_vs"].items()))
+    print(f"written to {target}")
+
+
+def record(args) -> None:
+    from offsite.emulator import compress_checkpoint, load_checkpoint
+    from offsite.methods import make_config
+    from offsite.pema import GenerateConfig, RepresentationServer, load_generation_examples, load_pema_adapter
+    from offsite.pema.evaluate import best_lambda, mixture_scores
+    from offsite.pema.parallel import PARALLEL_TASKS, source_of
+    from offsite.plugin import plug_in
+
+    started = time.perf_counter()
+    parallel = args.task in PARALLEL_TASKS
+    o = owner_side(args)
+    out, model_path, name, head_dir, head, server, device = (o[k] for k in ("out", "model_path", "name", "head_dir", "head", "server", "device"))
+    chat = args.chat = o["chat"]
+    common, memory_dir, train_examples, memory_seconds = o["common"], o["memory_dir"], o["train_examples"], o["memory_seconds"]
 
     # Data owner: PEMA. Baselines: LoRA on the full model, OT (LayerDrop 2-22-2). Each in its own process, memory measured.
     pema_settings = {"memory": str(memory_dir), "head": str(head_dir), "rank": args.rank, "pema_epochs": args.pema_epochs,
@@ -292,8 +395,7 @@ def record(args) -> None:
 
     # Evaluation: greedy answers of each setting, on the same prompts.
     adapter = load_pema_adapter(pema_dir / "adapter", head)
-    examples = load_generation_examples(args.task, "eval", limit=args.eval_limit)
-    examples = with_chat_template(examples, head.tokenizer) if chat else examples
+    examples = eval_examples(args, head, chat)
     eval_dir = out / f"eval-{args.task}-{args.eval_limit}{'-chat' if chat else ''}"
     base = {"task": args.task, "eval_limit": args.eval_limit, "max_new_tokens": args.max_new_tokens, "model": str(model_path), "chat": chat}
     generate = GenerateConfig(max_new_tokens=args.max_new_tokens, lambda_max=args.lambda_max)
@@ -326,8 +428,7 @@ def record(args) -> None:
     # Token level: lambda chosen on the validation carve-out of the training split, then the evaluation split.
     token = None
     if args.val_limit:
-        val = load_generation_examples(args.task, "train", limit=args.val_limit, seed=args.seed)
-        val = with_chat_template(val, head.tokenizer) if chat else val
+        val = val_examples(args, head, chat)
         chosen = best_lambda(mixture_scores(server, head, adapter, val))
         scored = mixture_scores(server, head, adapter, examples, lambdas=(0.0, chosen))
         token = {"lambda": chosen, "nll_model": scored[0.0]["nll"], "nll_mixture": scored[chosen]["nll"],

@@ -4,6 +4,17 @@
     python benchmarks/throughput.py --batch 8 --seq 256
     python benchmarks/throughput.py --tiny --steps 1   # a quick check of the whole path
     THROUGHPUT_SHAPE=opt-1.3b python benchmarks/throughput.py   # on a GPU: the anchor's shapes (opt-1.3b, llama-1b)
+    python benchmarks/throughput.py --data sciq --batch 8 --seq 256 --steps 8 --levers   # real task data; each lever alone
+
+Two workloads. The default is the anchor's: random tokens with labels = inputs, every position
+a target, one fixed-length sequence per step. `--data TASK` is what a data owner trains on: the
+task's real training examples (prompt + answer, loss on the answer only), tokenised by
+SmolLM2's own tokenizer, batches right-padded to their longest member; both loops see the same
+examples in the same shuffled order. Tokens/s counts real (unpadded) tokens.
+
+`--levers` (with --data) adds runs of offsite's loop on the OT 2-22-2 emulator with one setting
+changed at a time: length-grouped batches, the LM head on every position (as a `labels=` loss
+computes it), eager attention instead of SDPA, activation checkpointing.
 
 Modes (as the OT paper's efficiency table and ../shared/tools/anchor_efficiency_cpu.py): full
 fine-tuning, full + LoRA r 8, OT 2-22-2 (full adapter blocks), OT 2-22-2 + LoRA, OT 2-13-2 + LoRA,
@@ -63,8 +74,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_model(tiny: bool):
-    """The random-weight model of the chosen shape, SDPA attention, no KV cache."""
+def build_model(tiny: bool, attention: str = "sdpa"):
+    """The random-weight model of the chosen shape, SDPA attention unless told, no KV cache."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -73,7 +84,7 @@ def build_model(tiny: bool):
         config = AutoConfig.for_model(kw.pop("model_type"), **kw)
     else:
         config = model_config(tiny)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = False
     return model.to(device()), config
@@ -89,7 +100,36 @@ def model_config(tiny: bool):
                        vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
-def run_offsite(mode: str, steps: int, batch: int, seq: int, tiny: bool) -> dict:
+LEVERS = ("group_by_length", "full_head", "eager", "checkpointing")
+
+
+def features_for(args, vocab_size: int) -> list[dict]:
+    """The training features, (steps + 1) batches' worth; both loops shuffle them with `epoch_order` (seed 0)."""
+    import torch
+
+    n = args.batch * (args.steps + 1)
+    if not args.data:
+        ids = torch.randint(0, vocab_size, (n, args.seq), generator=torch.Generator().manual_seed(1)).tolist()
+        return [{"input_ids": row, "labels": row} for row in ids]
+    from transformers import AutoTokenizer
+
+    from offsite.lm import tokenize_examples
+    from offsite.models import resolve_model
+    from offsite.tasks import load_train_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")[0], local_files_only=True)
+    features = tokenize_examples(tokenizer, load_train_examples(args.data, limit=n, seed=0), args.seq)
+    if args.tiny:  # the tiny model's vocabulary is smaller than the tokenizer's
+        features = [{k: [t % vocab_size if t >= 0 else t for t in v] for k, v in f.items()} for f in features]
+    return features
+
+
+def full_head_loss(model, batch, head=None):
+    """The loss as `labels=` computes it: logits (and their gradient) at every position."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False).loss
+
+
+def run_offsite(mode: str, args, lever: str | None = None) -> dict:
     import torch
 
     from offsite.adapter import LoraSettings
@@ -98,7 +138,7 @@ def run_offsite(mode: str, steps: int, batch: int, seq: int, tiny: bool) -> dict
     from offsite.training import FinetuneConfig, train
 
     torch.manual_seed(0)
-    model, config = build_model(tiny)
+    model, config = build_model(args.tiny, "eager" if lever == "eager" else "sdpa")
     if mode.startswith("ot"):
         k = min(int(mode.split("-")[1].split("+")[0]), config.num_hidden_layers - 4)
         emulator = build_emulator(model, "layerdrop", make_config("layerdrop", num_kept=k))
@@ -118,33 +158,37 @@ def run_offsite(mode: str, steps: int, batch: int, seq: int, tiny: bool) -> dict
             get_blocks(model, layout)[i].requires_grad_(True)
     else:
         model.requires_grad_(True)
-    ids = torch.randint(0, config.vocab_size, (batch * (steps + 1), seq), generator=torch.Generator().manual_seed(1)).tolist()
-    features = [{"input_ids": row, "labels": row} for row in ids]
-    settings = FinetuneConfig(lora=lora, lr=1e-5, batch_size=batch, max_steps=steps + 1, max_length=seq, warmup_ratio=0.0,
-                              schedule="constant_with_warmup", max_grad_norm=0.0, log_every=10**6,
+    features = features_for(args, config.vocab_size)
+    settings = FinetuneConfig(lora=lora, lr=1e-5, batch_size=args.batch, max_steps=args.steps + 1, max_length=args.seq,
+                              warmup_ratio=0.0, schedule="constant_with_warmup", max_grad_norm=0.0, log_every=10**6,
+                              group_by_length=lever == "group_by_length", gradient_checkpointing=lever == "checkpointing",
                               mixed_precision="no" if device() == "cpu" else "auto")  # fp32 on CPU, bf16 autocast on a GPU
-    timings = []
+    timings, tokens = [], []
 
     def timed_loss(model_, batch_, head):
         from offsite.lm import causal_lm_loss
 
         sync()
         timings.append(time.perf_counter())
-        return causal_lm_loss(model_, batch_, head)
+        tokens.append(int(batch_["attention_mask"].sum()))
+        return (full_head_loss if lever == "full_head" else causal_lm_loss)(model_, batch_, head)
 
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train(model, features, 0, settings, progress=False, loss_fn=timed_loss)
+    result = train(model, features, 0, settings, progress=False, loss_fn=timed_loss)
     sync()
     end = time.perf_counter()
-    return {"tok_s": round(batch * seq * steps / (end - timings[1]), 1), "trainable_m": round(trainable_params / 1e6, 2)}
+    return {"tok_s": round(sum(tokens[1:]) / (end - timings[1]), 1), "trainable_m": round(trainable_params / 1e6, 2),
+            "padding_fraction": result.metrics["padding_fraction"]}
 
 
-def run_plain(mode: str, steps: int, batch: int, seq: int, tiny: bool) -> dict:
+def run_plain(mode: str, args) -> dict:
     """The shared anchor's plain loop, at this batch and length (the anchor itself runs 1 x 512)."""
     import torch
 
+    from offsite.data import epoch_order, pad_batch
+
     torch.manual_seed(0)
-    m, config = build_model(tiny)
+    m, config = build_model(args.tiny)
     layers = config.num_hidden_layers
     container = m.model.decoder if hasattr(m.model, "decoder") else m.model  # OPT keeps its blocks in model.decoder
     if mode.startswith("ot"):
@@ -177,24 +221,36 @@ def run_plain(mode: str, steps: int, batch: int, seq: int, tiny: bool) -> dict:
         m.requires_grad_(True)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    x = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device())
+    features = features_for(args, config.vocab_size)
+    features = [features[i] for i in epoch_order(len(features), 0, 0)]  # the order offsite's loop draws (seed 0, epoch 0)
+    batches = [pad_batch(features[i : i + args.batch], 0) for i in range(0, len(features), args.batch)]
     m.train()
-    for s in range(steps + 1):
+    tokens = 0
+    for s, b in enumerate(batches):
         if s == 1:
             sync()
             t0 = time.perf_counter()
-        loss = m(input_ids=x, labels=x).loss
+        if s >= 1:
+            tokens += int(b["attention_mask"].sum())
+        b = {k: v.to(device()) for k, v in b.items()}
+        loss = m(**b).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
-    return {"tok_s": round(batch * seq * steps / (time.perf_counter() - t0), 1), "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2)}
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    return {"tok_s": round(tokens / (time.perf_counter() - t0), 1), "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
+            "padding_fraction": round(1 - sum(int(b["attention_mask"].sum()) for b in batches) / padded, 4)}
 
 
-def one(loop: str, mode: str, steps: int, batch: int, seq: int, tiny: bool) -> dict:
+def one(loop: str, mode: str, args) -> dict:
     import torch
 
-    result = (run_offsite if loop == "offsite" else run_plain)(mode, steps, batch, seq, tiny)
+    lever = None
+    if loop.startswith("offsite+"):
+        loop, lever = loop.split("+", 1)
+    result = run_offsite(mode, args, lever) if loop == "offsite" else run_plain(mode, args)
+    loop = f"offsite+{lever}" if lever else loop
     if device() == "cuda":  # the accelerator's own peak, as the paper measures it
         torch.cuda.synchronize()
         return {"loop": loop, "mode": mode, **result, "peak_rss_mb": round(torch.cuda.max_memory_allocated() / 2**20),
@@ -207,45 +263,84 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warm-up step)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--seq", type=int, default=512, help="sequence length (with --data: the truncation length)")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--data", default=None, help="train on this task's real examples (e.g. sciq) instead of random tokens")
+    p.add_argument("--levers", action="store_true", help="with --data: also offsite's loop on ot-22 with each lever alone")
+    p.add_argument("--repeats", type=int, default=1, help="run the whole list this many times, interleaved; report the median")
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same depth (checks the path in seconds)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--one", nargs=2, metavar=("LOOP", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.levers and not args.data:
+        raise SystemExit("--levers needs --data: padding and the answer-only head only matter on real examples")
     if args.one:
-        print(json.dumps(one(*args.one, args.steps, args.batch, args.seq, args.tiny)))
+        print(json.dumps(one(*args.one, args)))
         return
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.1f}: other work shares the CPU, the ratios below are not reliable", file=sys.stderr)
-    results = []
-    for mode in args.modes.split(","):
-        for loop in ("plain", "offsite"):
-            cmd = [sys.executable, __file__, "--one", loop, mode, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    modes = args.modes.split(",")
+    runs = [(loop, mode) for mode in modes for loop in ("plain", "offsite")]
+    if args.levers:
+        runs += [(f"offsite+{lever}", "ot-22") for lever in LEVERS]
+    passthrough = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)] + \
+        (["--tiny"] if args.tiny else []) + (["--data", args.data] if args.data else [])
+    samples: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeats):  # rounds, so slow drift in the machine's load hits every run alike
+        for loop, mode in runs:
+            out = subprocess.run([sys.executable, __file__, "--one", loop, mode, *passthrough], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent)
             if out.returncode != 0:
                 raise SystemExit(f"{loop} {mode} failed:\n{out.stderr[-3000:]}")
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
-    by = {(r["loop"], r["mode"]): r for r in results}
-    lines = ["| mode | plain tokens/s | offsite tokens/s | offsite / plain | plain peak MB | offsite peak MB | offsite / plain memory |",
-             "|---|---|---|---|---|---|---|"]
-    for mode in args.modes.split(","):
-        a, b = by[("plain", mode)], by[("offsite", mode)]
-        lines.append(f"| {mode} | {a['tok_s']:,.0f} | {b['tok_s']:,.0f} | {b['tok_s'] / a['tok_s']:.2f}x | {a['peak_rss_mb']:,} | "
-                     f"{b['peak_rss_mb']:,} | {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x |")
-    if ("offsite", "full") in by and ("offsite", "ot-22+lora") in by:
-        f, o = by[("offsite", "full")], by[("offsite", "ot-22+lora")]
-        lines.append("")
-        lines.append(f"OT 2-22-2 + LoRA against full fine-tuning (offsite loop): {o['tok_s'] / f['tok_s']:.2f}x the tokens/s, "
-                     f"{f['peak_rss_mb'] / o['peak_rss_mb']:.2f}x less peak memory (paper, GPT2-XL on a GPU: "
-                     f"{PAPER['tokens_per_s']}x and {PAPER['memory']}x).")
-    table = "\n".join(lines)
+            samples.setdefault((loop, mode), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(samples[(loop, mode)][-1]), flush=True)
+    results = [median_of(runs_) for runs_ in samples.values()]
+    table = tables(results, modes, args)
     print("\n" + table)
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": vars(args), "load_average": load, "results": results, "table": table}, indent=1))
+
+
+def median_of(samples: list[dict]) -> dict:
+    """One run's figures from its repeats: the median tokens/s, the largest peak memory, every sample kept."""
+    import statistics
+
+    return {**samples[0], "tok_s": round(statistics.median(r["tok_s"] for r in samples), 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in samples), "tok_s_samples": [r["tok_s"] for r in samples]}
+
+
+def tables(results: list[dict], modes: list[str], args) -> str:
+    by = {(r["loop"], r["mode"]): r for r in results}
+    workload = f"{args.data} train examples (answer-only loss), batch {args.batch}, truncated at {args.seq}" if args.data \
+        else f"random tokens, every position a target, batch {args.batch} x {args.seq}"
+    lines = [f"Workload: {workload}; {args.steps} timed steps; median of {args.repeats} interleaved run(s).", "",
+             "| mode | plain tokens/s | offsite tokens/s | offsite / plain | plain peak MB | offsite peak MB | offsite / plain memory |",
+             "|---|---|---|---|---|---|---|"]
+    for mode in modes:
+        a, b = by[("plain", mode)], by[("offsite", mode)]
+        lines.append(f"| {mode} | {a['tok_s']:,.0f} | {b['tok_s']:,.0f} | {b['tok_s'] / a['tok_s']:.2f}x | {a['peak_rss_mb']:,} | "
+                     f"{b['peak_rss_mb']:,} | {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x |")
+    for loop in ("plain", "offsite"):
+        if (loop, "full") in by and (loop, "ot-22+lora") in by:
+            f, o = by[(loop, "full")], by[(loop, "ot-22+lora")]
+            lines += ["", f"OT 2-22-2 + LoRA against full fine-tuning ({loop} loop): {o['tok_s'] / f['tok_s']:.2f}x the tokens/s, "
+                          f"{f['peak_rss_mb'] / o['peak_rss_mb']:.2f}x less peak memory (paper, GPT2-XL on a GPU: "
+                          f"{PAPER['tokens_per_s']}x and {PAPER['memory']}x)."]
+    base = by.get(("offsite", "ot-22"))
+    levers = [r for r in results if r["loop"].startswith("offsite+")]
+    if base and levers:
+        lines += ["", "Each lever alone, offsite's loop on OT 2-22-2 (full adapter blocks):", "",
+                  "| setting | tokens/s | vs offsite default | peak MB | vs offsite default | padding share |", "|---|---|---|---|---|---|",
+                  f"| offsite default (answer-only head, SDPA, shuffled batches) | {base['tok_s']:,.0f} | 1.00x | {base['peak_rss_mb']:,} | "
+                  f"1.00x | {base.get('padding_fraction', 0):.1%} |"]
+        names = {"group_by_length": "+ length-grouped batches", "full_head": "LM head on every position (labels= loss)",
+                 "eager": "eager attention instead of SDPA", "checkpointing": "+ activation checkpointing"}
+        for r in levers:
+            lever = r["loop"].split("+", 1)[1]
+            lines.append(f"| {names[lever]} | {r['tok_s']:,.0f} | {r['tok_s'] / base['tok_s']:.2f}x | {r['peak_rss_mb']:,} | "
+                         f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | {r.get('padding_fraction', 0):.1%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,30 @@ def test_chat_template_wraps_the_prompt_only(tokenizer):
 def test_unknown_parallel_task():
     with pytest.raises(ConfigError, match="unknown parallel task"):
         verse_pairs("kjv2klingon")
+
+
+def test_demonstrations_are_fixed_short_training_verses_never_trained_on():
+    from offsite.pema.parallel import demonstrations
+
+    demos = demonstrations("kjv2web", 2)
+    assert demos == demonstrations("kjv2web", 2) and demonstrations("kjv2web", 1) == demos[:1]
+    evaluation = load_parallel_examples("kjv2web", "eval", limit=3, shots=2)
+    eval_texts = {source_of(e) for e in load_parallel_examples("kjv2web", "eval")}
+    assert all(len(a.split()) <= 25 and a not in eval_texts for a, _ in demos)
+    for seed in (0, 1):
+        train = load_parallel_examples("kjv2web", "train", seed=seed, shots=2)
+        assert not {a for a, _ in demos} & {source_of(e) for e in train}
+    # every prompt starts with the same demonstrations; the copy baseline still finds the verse itself
+    plain = load_parallel_examples("kjv2web", "eval", limit=3)
+    for shot, zero in zip(evaluation, plain):
+        assert shot.context.startswith(f"Rewrite this Bible verse in modern English.\nOriginal: {demos[0][0]}\nRewritten: {demos[0][1]}\n\n")
+        assert source_of(shot) == source_of(zero) and shot.continuation == zero.continuation
+    # zero shots is the original prompt and training order (the committed record's)
+    assert load_parallel_examples("kjv2web", "train", limit=5, shots=0) == load_parallel_examples("kjv2web", "train", limit=5)
+
+
+def test_shots_are_bounded_and_only_for_style_transfer():
+    with pytest.raises(ConfigError, match="shots must be between"):
+        load_parallel_examples("kjv2web", "eval", shots=99)
+    with pytest.raises(ConfigError, match="shots are for the style-transfer tasks"):
+        load_generation_examples("piqa", "eval", limit=3, shots=1)

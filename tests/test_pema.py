@@ -580,15 +580,18 @@ def test_style_transfer_task_end_to_end(base_dir, tmp_path, capsys):
     code, out, err = run(capsys, "pema-head", "--model", base_dir, "--out", tmp_path / "head")
     assert code == 0, err
     code, out, err = run(capsys, "pema-memory", "--model", base_dir, "--head", tmp_path / "head", "--task", "kjv2web",
-                         "--limit", 6, "--out", tmp_path / "memory", "--batch-size", 3, "--max-target-tokens", 8)
+                         "--limit", 6, "--out", tmp_path / "memory", "--batch-size", 3, "--max-target-tokens", 8, "--shots", 1)
     assert code == 0 and "from 6 examples" in out, err
     code, out, err = run(capsys, "pema-train", "--memory", tmp_path / "memory", "--head", tmp_path / "head", "--out",
                          tmp_path / "pema", "--rank", 4, "--epochs", 1, "--batch-size", 8)
     assert code == 0, err
     code, out, err = run(capsys, "pema-generate", "--model", base_dir, "--head", tmp_path / "head", "--adapter", tmp_path / "pema",
-                         "--task", "kjv2web", "--limit", 2, "--max-new-tokens", 3)
+                         "--task", "kjv2web", "--limit", 2, "--max-new-tokens", 3, "--shots", 1)
     assert code == 0 and "(n=2, PEMA, Gradual Unrolling)" in out and "archaic markers per 100 words" in out, err
     assert "copying the source scores sacreBLEU" in out
+    code, _, err = run(capsys, "pema-generate", "--model", base_dir, "--head", tmp_path / "head", "--adapter", tmp_path / "pema",
+                       "--data", tmp_path / "none.jsonl", "--shots", 1)
+    assert code != 0 and "--shots goes with --task" in err
     code, out, err = run(capsys, "pema-score", "--model", base_dir, "--head", tmp_path / "head", "--adapter", tmp_path / "pema",
                          "--task", "kjv2web", "--limit", 2, "--lambdas", "0,0.5", "--out", tmp_path / "scores.json")
     assert code == 0 and "(the model alone)" in out and "0.50" in out, err

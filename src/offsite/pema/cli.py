@@ -48,9 +48,12 @@ def _examples(opts: dict, split: str):
     from .task import load_generation_examples
 
     data, task, limit = take(opts, "data", None), take(opts, "task", None), take(opts, "limit", None)
+    shots = take(opts, "shots", 0)
     if bool(data) == bool(task):
         raise UsageError("give exactly one of --data FILE.jsonl or --task (piqa, sciq, kjv2web, web2bbe)")
-    return load_examples(data)[:limit] if data else load_generation_examples(task, split, limit=limit)
+    if data and shots:
+        raise UsageError("--shots goes with --task (a built-in style-transfer task); put demonstrations in your own prompts")
+    return load_examples(data)[:limit] if data else load_generation_examples(task, split, limit=limit, shots=shots)
 
 
 def cmd_pema_head(opts: dict) -> None:
@@ -170,6 +173,8 @@ def add_commands(command) -> None:
         p.add_argument("--task", default=S, help="a built-in generation task (piqa, sciq; kjv2web, web2bbe: style transfer)")
         p.add_argument("--data", default=S, help="or a JSONL of {context, continuation} records")
         p.add_argument("--limit", type=int, default=S, help="use at most this many examples")
+        p.add_argument("--shots", type=int, default=S, help="style transfer: this many fixed worked demonstrations in every prompt "
+                       "(use the same number for memory, generation and evaluation)")
         if split:
             p.add_argument("--split", default=S, choices=["train", "eval"], help="with --task (default: eval)")
 

@@ -87,29 +87,54 @@ def verse_pairs(task: str) -> tuple[tuple[int, str, str, str], ...]:
     return tuple(out)
 
 
-def prompt(task: str, source: str) -> str:
-    """The prompt every setting sees (no adaptation, LoRA, OT, PEMA): instruction, source, then the answer slot."""
-    return f"{INSTRUCTIONS[task]}\nOriginal: {source}\nRewritten:"
+DEMO_SEED = 20_231  # fixed: the demonstrations are the same for every data seed and every setting
+MAX_SHOTS = 8
 
 
-def load_parallel_examples(task: str, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
+def prompt(task: str, source: str, demonstrations: tuple[tuple[str, str], ...] = ()) -> str:
+    """The prompt every setting sees (no adaptation, LoRA, OT, PEMA): instruction, any worked
+    (source, target) demonstrations, the source, then the answer slot."""
+    shots = "".join(f"Original: {a}\nRewritten: {b}\n\n" for a, b in demonstrations)
+    return f"{INSTRUCTIONS[task]}\n{shots}Original: {source}\nRewritten:"
+
+
+def _training_pairs(task: str) -> list[tuple[int, str, str, str]]:
+    """Every verse outside EVAL_BOOKS, decontaminated: none repeated word for word in an evaluation book."""
+    all_pairs = verse_pairs(task)
+    held = {text for p in all_pairs if p[1] in EVAL_BOOKS for text in (p[2], p[3])}
+    return [p for p in all_pairs if p[1] not in EVAL_BOOKS and p[2] not in held and p[3] not in held]
+
+
+def demonstrations(task: str, shots: int) -> tuple[tuple[str, str], ...]:
+    """`shots` fixed (source, target) verse pairs from the training books, short ones (a prompt stays short),
+    drawn once by DEMO_SEED; they are never among the training examples."""
+    if not 0 <= shots <= MAX_SHOTS:
+        raise ConfigError(f"shots must be between 0 and {MAX_SHOTS}, got {shots}")
+    pool = [p for p in _training_pairs(task) if len(p[2].split()) <= 25]
+    random.Random(DEMO_SEED).shuffle(pool)
+    return tuple((p[2], p[3]) for p in pool[:shots])
+
+
+def load_parallel_examples(task: str, split: str, limit: int | None = None, seed: int = 0, shots: int = 0) -> list[Example]:
     """(prompt, target verse) pairs: `train` from every book outside EVAL_BOOKS, shuffled by `seed`;
-    `eval` from EVAL_BOOKS in canon order (the first `limit`)."""
+    `eval` from EVAL_BOOKS in canon order (the first `limit`). With `shots`, every prompt starts with
+    that many worked demonstrations (the same for every example, split and seed)."""
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be train or eval, got {split!r}")
-    all_pairs = verse_pairs(task)
-    pairs = [p for p in all_pairs if (p[1] in EVAL_BOOKS) == (split == "eval")]
+    demos = demonstrations(task, shots)
     if split == "train":
-        # decontaminated: a verse repeated word for word in an evaluation book is never trained on
-        held = {text for p in all_pairs if p[1] in EVAL_BOOKS for text in (p[2], p[3])}
-        pairs = [p for p in pairs if p[2] not in held and p[3] not in held]
+        shown = {a for a, _ in demos}
+        pairs = [p for p in _training_pairs(task) if p[2] not in shown]
         random.Random(seed).shuffle(pairs)
-    return [Example(prompt(task, src), " " + tgt) for _, _, src, tgt in pairs[:limit]]
+    else:
+        pairs = [p for p in verse_pairs(task) if p[1] in EVAL_BOOKS]
+    return [Example(prompt(task, src, demos), " " + tgt) for _, _, src, tgt in pairs[:limit]]
 
 
 def source_of(example: Example) -> str:
-    """The source verse inside a prompt built by `prompt` (the copy-the-source baseline's answer)."""
-    return example.context.split("\nOriginal: ", 1)[1].rsplit("\nRewritten:", 1)[0]
+    """The source verse inside a prompt built by `prompt` (the copy-the-source baseline's answer): the last
+    "Original:" line, after any demonstrations."""
+    return example.context.rsplit("\nOriginal: ", 1)[1].rsplit("\nRewritten:", 1)[0]
 
 
 def archaic_rate(texts: list[str]) -> float:

@@ -34,8 +34,9 @@ SPLITS = ("train", "eval")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
-def load_generation_examples(task: str, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
-    """(prompt, gold answer) pairs of `task`; the train split is shuffled by `seed`, the eval split is in file order."""
+def load_generation_examples(task: str, split: str, limit: int | None = None, seed: int = 0, shots: int = 0) -> list[Example]:
+    """(prompt, gold answer) pairs of `task`; the train split is shuffled by `seed`, the eval split is in file order.
+    `shots` (style-transfer tasks only): worked demonstrations at the start of every prompt."""
     from ..tasks import load_eval_docs, load_train_examples
 
     if task not in TASKS or split not in SPLITS:
@@ -43,7 +44,9 @@ def load_generation_examples(task: str, split: str, limit: int | None = None, se
     if task in ("kjv2web", "web2bbe"):
         from .parallel import load_parallel_examples
 
-        return load_parallel_examples(task, split, limit=limit, seed=seed)
+        return load_parallel_examples(task, split, limit=limit, seed=seed, shots=shots)
+    if shots:
+        raise ConfigError(f"shots are for the style-transfer tasks (kjv2web, web2bbe), not {task}")
     if split == "train":
         return load_train_examples(task, limit=limit, seed=seed)
     return [Example(d.context, d.choices[d.gold]) for d in load_eval_docs(task, limit)]
