@@ -119,3 +119,13 @@ def test_real_docs_score_end_to_end():
 
 
 # ---- model assets: the cache and its errors, with a fake conversion instead of the GGUF one ----
+
+
+def test_train_docs_line_up_with_train_examples():
+    """Doc i of load_train_docs is example i of load_train_examples (same seed): a validation carve-out of the
+    first docs is disjoint from training on the examples after them."""
+    docs, examples = tasks.load_train_docs("arc_easy", seed=2), tasks.load_train_examples("arc_easy", seed=2)
+    assert len(docs) == len(examples)
+    assert all(d.context == e.context and d.choices[d.gold] == e.continuation for d, e in zip(docs, examples))
+    assert tasks.load_train_docs("arc_easy", limit=5, seed=2) == docs[:5]
+    assert not {d.context for d in docs[:100]} & {e.context for e in examples[100:]}

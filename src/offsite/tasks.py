@@ -95,6 +95,20 @@ def load_task_docs(spec: str, limit: int | None = None) -> list[MCDoc]:
     return docs[:limit]
 
 
+def load_train_docs(task: str, limit: int | None = None, seed: int = 0) -> list[MCDoc]:
+    """The train split's docs (with their choices), in the order `load_train_examples` shuffles them to:
+    doc i is example i, so the first docs can be carved off as validation and the rest trained on."""
+    variant = _source(task).train_variant
+    docs = _read_docs(task, variant or EVAL_VARIANT)
+    if variant is None:
+        held_out = _sciq_eval_ids(docs)
+        docs = tuple(d for d in docs if d.doc_id not in held_out)
+    evaluated = {d.context for d in load_eval_docs(task)}
+    docs = [d for d in docs if d.context not in evaluated]
+    random.Random(seed).shuffle(docs)
+    return docs[:limit]
+
+
 def load_train_examples(task: str, limit: int | None = None, seed: int = 0) -> list[Example]:
     """(zero-shot context, gold continuation) pairs of the train split, shuffled by `seed`.
 
@@ -103,15 +117,7 @@ def load_train_examples(task: str, limit: int | None = None, seed: int = 0) -> l
     HellaSwag 14, ARC-Easy 1), and training on an evaluated question would inflate the score.
     With `limit`, the first `limit` of the shuffle: a random subset, the same for the same seed.
     """
-    variant = _source(task).train_variant
-    docs = _read_docs(task, variant or EVAL_VARIANT)
-    if variant is None:
-        held_out = _sciq_eval_ids(docs)
-        docs = tuple(d for d in docs if d.doc_id not in held_out)
-    evaluated = {d.context for d in load_eval_docs(task)}
-    examples = [Example(d.context, d.choices[d.gold]) for d in docs if d.context not in evaluated]
-    random.Random(seed).shuffle(examples)
-    return examples[:limit]
+    return [Example(d.context, d.choices[d.gold]) for d in load_train_docs(task, limit, seed)]
 
 
 def load_plain_text(limit_chars: int | None = 100_000) -> str:
