@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args()
 
-    finetune = FinetuneConfig(lr=args.lr, batch_size=8, epochs=1, max_length=128)
+    finetune = FinetuneConfig(lr=args.lr, batch_size=8, epochs=1, max_length=128, group_by_length=False)
     sections, notes = [], []
     for name in args.variants.split(","):
         if name not in VARIANTS:

@@ -46,7 +46,8 @@ def recipe_for(args, examples: int, rounds: int = 1):
     from offsite.configs import FinetuneConfig
 
     steps = max(1, math.ceil(math.ceil(examples / args.batch_size) / rounds))  # one pass over the data in all
-    return FinetuneConfig(lr=args.lr, batch_size=args.batch_size, max_steps=steps, max_length=args.max_length, seed=args.seed)
+    return FinetuneConfig(lr=args.lr, batch_size=args.batch_size, max_steps=steps, max_length=args.max_length, seed=args.seed,
+                          group_by_length=False)  # the recorded runs' recipe
 
 
 def shards(examples, clients: int, seed: int) -> dict[str, list]:

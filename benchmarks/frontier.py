@@ -153,7 +153,8 @@ def result_path(results: Path, point: str, seed: int) -> Path:
 
 
 def point_config(point: str, seed: int, args) -> ReportConfig:
-    finetune = FinetuneConfig(lr=args.lr, batch_size=8, epochs=1, max_length=128, seed=seed)
+    finetune = FinetuneConfig(lr=args.lr, batch_size=8, epochs=1, max_length=128, seed=seed,
+                              group_by_length=False)  # the grid's recipe, fixed before the default changed
     common = dict(model=args.model, tasks=args.tasks.split(","), finetune=finetune, train_limit=args.train_limit,
                   eval_limit=args.eval_limit, results=str(result_path(Path(args.results), point, seed)),
                   out=str(Path(args.runs) / point / f"s{seed}"), title=f"frontier {point} seed {seed}")

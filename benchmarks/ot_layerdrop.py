@@ -40,7 +40,8 @@ def main() -> None:
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args()
 
-    finetune = FinetuneConfig(lora=args.lora, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_length=128)
+    finetune = FinetuneConfig(lora=args.lora, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_length=128,
+                              group_by_length=False)
     sections = []
     for k in [int(x) for x in args.kept.split(",")]:
         start = time.perf_counter()

@@ -142,7 +142,7 @@ def main() -> None:
     if args.plan:
         return
 
-    finetune = FinetuneConfig(lr=args.lr, batch_size=8, epochs=1, max_length=128)
+    finetune = FinetuneConfig(lr=args.lr, batch_size=8, epochs=1, max_length=128, group_by_length=False)
     common = dict(model=args.model, tasks=tasks, finetune=finetune, train_limit=args.train_limit, eval_limit=args.eval_limit,
                   healing_steps=args.healing_steps)
     sections, done_k, notes = [], set(), []

@@ -44,7 +44,9 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps between checkpoints (needed for --resume); 0 = none
     log_every: int = 10
-    group_by_length: bool = False  # batches of similar length (less padding); random across groups of 50 batches
+    # Batches of similar length, random across groups of 50 batches: on real task data it cut padding from 55% to 14% and
+    # doubled tokens/s (benchmarks/throughput.py); False: plain shuffled batches.
+    group_by_length: bool = True
     report_to: str = "none"  # "tensorboard": loss and lr every log step as TensorBoard events in the run directory
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% more compute
 
