@@ -270,6 +270,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="run the whole list this many times, interleaved; report the median")
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same depth (checks the path in seconds)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--update-readme", metavar="MARKER", default=None,
+                   help="also put the table between README.md's <!-- MARKER:start/end --> (throughput-data, throughput-random)")
     p.add_argument("--one", nargs=2, metavar=("LOOP", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.levers and not args.data:
@@ -300,6 +302,11 @@ def main() -> None:
     print("\n" + table)
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": vars(args), "load_average": load, "results": results, "table": table}, indent=1))
+    if args.update_readme:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from record import update_readme
+
+        update_readme(args.update_readme, table)
 
 
 def median_of(samples: list[dict]) -> dict:
