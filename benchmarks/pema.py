@@ -286,20 +286,15 @@ def owner_side(args):
                 common=common, memory_dir=memory_dir, train_examples=train_examples, memory_seconds=round(time.perf_counter() - start, 1))
 
 
-def eval_examples(args, head, chat):
+def prompts(args, head, chat, split: str) -> list:
+    """The evaluation split's first --eval-limit prompts, or the training split's first --val-limit (the validation
+    carve-out that `training_examples` skips), in the record's prompt format."""
     from offsite.pema import load_generation_examples
     from offsite.pema.parallel import with_chat_template
 
-    examples = load_generation_examples(args.task, "eval", limit=args.eval_limit, shots=args.shots)
+    limit = args.eval_limit if split == "eval" else args.val_limit
+    examples = load_generation_examples(args.task, split, limit=limit, seed=args.seed, shots=args.shots)
     return with_chat_template(examples, head.tokenizer) if chat else examples
-
-
-def val_examples(args, head, chat):
-    from offsite.pema import load_generation_examples
-    from offsite.pema.parallel import with_chat_template
-
-    val = load_generation_examples(args.task, "train", limit=args.val_limit, seed=args.seed, shots=args.shots)
-    return with_chat_template(val, head.tokenizer) if chat else val
 
 
 def variant(args) -> None:
@@ -314,8 +309,8 @@ def variant(args) -> None:
     if "none" not in baselines:
         raise SystemExit(f"--variant compares against the committed record in {committed}; it has no none.json")
     ref = baselines["none"]["settings"]
-    for field, value in (("eval_limit", args.eval_limit), ("max_new_tokens", args.max_new_tokens)):
-        if ref.get(field) != value:
+    for field, value in (("eval_limit", args.eval_limit), ("max_new_tokens", args.max_new_tokens), ("shots", args.shots)):
+        if ref.get(field, 0 if field == "shots" else None) != value:  # the zero-shot record predates "shots"
             raise SystemExit(f"the committed record has {field} {ref.get(field)}, this run {value}: pass the record's settings")
     o = owner_side(args)
     started = time.perf_counter()
@@ -325,11 +320,11 @@ def variant(args) -> None:
     pema = run_measured("pema", {**pema_settings, "adapter": str(pema_dir / "adapter")}, pema_dir)
     head, server = o["head"], o["server"]
     adapter = load_pema_adapter(pema_dir / "adapter", head)
-    val = val_examples(args, head, o["chat"])
+    val = prompts(args, head, o["chat"], "train")
     token_val = mixture_scores(server, head, adapter, val)
     chosen = best_lambda(token_val)
     lambda_max = args.lambda_max if args.lambda_max is not None else max(chosen, 0.1)
-    examples = eval_examples(args, head, o["chat"])
+    examples = prompts(args, head, o["chat"], "eval")
     if [e.continuation.strip() for e in examples] != [p["reference"] for p in baselines["none"]["predictions"]]:
         raise SystemExit("the evaluation references differ from the committed record's; pass the record's settings")
     predictions = generate_texts(server, head, [e.context for e in examples], adapter,
@@ -395,9 +390,11 @@ def record(args) -> None:
 
     # Evaluation: greedy answers of each setting, on the same prompts.
     adapter = load_pema_adapter(pema_dir / "adapter", head)
-    examples = eval_examples(args, head, chat)
-    eval_dir = out / f"eval-{args.task}-{args.eval_limit}{'-chat' if chat else ''}"
+    examples = prompts(args, head, chat, "eval")
+    eval_dir = out / f"eval-{args.task}-{args.eval_limit}{'-chat' if chat else ''}{f'-{args.shots}shot' if args.shots else ''}"
     base = {"task": args.task, "eval_limit": args.eval_limit, "max_new_tokens": args.max_new_tokens, "model": str(model_path), "chat": chat}
+    if args.shots:  # as in owner_side: a zero-shot record's cached predictions keep their key
+        base["shots"] = args.shots
     generate = GenerateConfig(max_new_tokens=args.max_new_tokens, lambda_max=args.lambda_max)
     constant = GenerateConfig(max_new_tokens=args.max_new_tokens, lambda_max=args.lambda_max, gradual_unrolling=False)
 
@@ -428,7 +425,7 @@ def record(args) -> None:
     # Token level: lambda chosen on the validation carve-out of the training split, then the evaluation split.
     token = None
     if args.val_limit:
-        val = val_examples(args, head, chat)
+        val = prompts(args, head, chat, "train")
         chosen = best_lambda(mixture_scores(server, head, adapter, val))
         scored = mixture_scores(server, head, adapter, examples, lambdas=(0.0, chosen))
         token = {"lambda": chosen, "nll_model": scored[0.0]["nll"], "nll_mixture": scored[chosen]["nll"],

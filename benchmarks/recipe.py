@@ -55,12 +55,12 @@ def settings_of(name: str) -> dict:
 
 def split(task: str, val: int, train_limit: int):
     """(validation docs, training examples) from the task's train split, disjoint."""
-    from offsite.tasks import load_train_docs, load_train_examples
+    from offsite.data import Example
+    from offsite.tasks import load_train_docs
 
-    docs = load_train_docs(task, seed=0)
-    examples = load_train_examples(task, seed=0)
+    docs = load_train_docs(task, seed=0)  # doc i is load_train_examples' example i
     n_val = min(val, len(docs) // 5)
-    return docs[:n_val], examples[n_val:n_val + train_limit]
+    return docs[:n_val], [Example(d.context, d.choices[d.gold]) for d in docs[n_val:n_val + train_limit]]
 
 
 def emulator_for(adapter: int, model_path: Path, name: str, runs: Path) -> Path:
@@ -104,7 +104,9 @@ def run_config(name: str, args) -> dict:
         start = time.perf_counter()
         val_docs, examples = split(task, args.val, args.train_limit)
         if s["full"]:
-            tokenizer = load_checkpoint(model_path)[1]
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
             model = full_finetune(model_path, tokenizer, examples, config, progress=False)
         else:
             emulator = emulator_for(s["adapter"], model_path, model_name, runs)
@@ -178,7 +180,7 @@ def main() -> None:
         for name in names:
             path = Path(args.results) / f"{name}.json"
             have = json.loads(path.read_text())["tasks"] if path.exists() else {}
-            print(f"{name:<14} {', '.join(t for t in args.tasks if t in have) or '-'} measured")
+            print(f"{name:<14} {', '.join(t for t in args.tasks if t in have) or 'nothing'} measured")
         return
     if not args.table:
         for name in names:

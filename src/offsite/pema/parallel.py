@@ -98,11 +98,12 @@ def prompt(task: str, source: str, demonstrations: tuple[tuple[str, str], ...] =
     return f"{INSTRUCTIONS[task]}\n{shots}Original: {source}\nRewritten:"
 
 
-def _training_pairs(task: str) -> list[tuple[int, str, str, str]]:
+@functools.lru_cache(maxsize=4)
+def _training_pairs(task: str) -> tuple[tuple[int, str, str, str], ...]:
     """Every verse outside EVAL_BOOKS, decontaminated: none repeated word for word in an evaluation book."""
     all_pairs = verse_pairs(task)
     held = {text for p in all_pairs if p[1] in EVAL_BOOKS for text in (p[2], p[3])}
-    return [p for p in all_pairs if p[1] not in EVAL_BOOKS and p[2] not in held and p[3] not in held]
+    return tuple(p for p in all_pairs if p[1] not in EVAL_BOOKS and p[2] not in held and p[3] not in held)
 
 
 def demonstrations(task: str, shots: int) -> tuple[tuple[str, str], ...]:
@@ -110,6 +111,8 @@ def demonstrations(task: str, shots: int) -> tuple[tuple[str, str], ...]:
     drawn once by DEMO_SEED; they are never among the training examples."""
     if not 0 <= shots <= MAX_SHOTS:
         raise ConfigError(f"shots must be between 0 and {MAX_SHOTS}, got {shots}")
+    if not shots:
+        return ()
     pool = [p for p in _training_pairs(task) if len(p[2].split()) <= 25]
     random.Random(DEMO_SEED).shuffle(pool)
     return tuple((p[2], p[3]) for p in pool[:shots])
