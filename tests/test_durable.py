@@ -58,3 +58,48 @@ def test_directory_fsync_is_skipped_only_where_unsupported(tmp_path, monkeypatch
 def test_fsync_of_a_missing_path_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         durable.fsync_path(tmp_path / "missing")
+
+
+def test_write_behind_writes_every_buffer_in_order(tmp_path):
+    target = tmp_path / "out.bin"
+    with durable.WriteBehind(open(target, "wb"), depth=1) as out:
+        for i in range(50):
+            out.write(bytes([i]) * 1000)
+    assert target.read_bytes() == b"".join(bytes([i]) * 1000 for i in range(50))
+
+
+def test_write_behind_finish_flushes_and_keeps_the_file_open_to_read_back(tmp_path):
+    handle = open(tmp_path / "out.bin", "w+b")
+    out = durable.WriteBehind(handle)
+    out.write(b"abc")
+    out.finish()
+    assert os.pread(handle.fileno(), 3, 0) == b"abc" and not handle.closed
+    with pytest.raises(RuntimeError, match="after finish"):
+        out.write(b"d")
+    out.close()
+    assert handle.closed
+
+
+class _FailingFile:
+    def __init__(self):
+        self.closed = False
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_write_behind_raises_the_write_error_and_never_blocks_after_it():
+    handle = _FailingFile()
+    out = durable.WriteBehind(handle, depth=1)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(100):  # the thread keeps draining after the error, so no put() blocks forever
+            out.write(b"x")
+        out.close()
+    out.abort()  # after an error: closes without raising
+    assert handle.closed

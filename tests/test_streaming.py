@@ -291,3 +291,23 @@ def test_a_same_size_tampered_adapter_is_still_refused_when_read_lazily(tmp_path
         load_adapter(adapter, lazy=True)
     with pytest.raises(BundleError, match="does not match its SHA-256"):
         load_adapter(adapter)
+
+
+def test_sharded_writer_left_on_an_error_closes_its_open_shard(tmp_path):
+    with pytest.raises(ValueError, match="elsewhere"):
+        with ShardedWriter(tmp_path, [("a", torch.float32, (2,)), ("c", torch.float16, (3,))]) as writer:
+            writer.write("a", b"\0" * 8)
+            handle = writer._handle.handle
+            raise ValueError("a failure elsewhere")
+    assert handle.closed and writer._handle is None
+
+
+def test_read_ahead_without_fingerprint_only_reads(tmp_path):
+    save_base(tmp_path / "base")
+    with StoredCheckpoint(tmp_path / "base", torch.float32) as stored:
+        names = sorted(stored.source)[:3]
+        with stored.read_ahead(names, fingerprint=False) as reader:
+            for name in names:
+                assert b"".join(reader.chunks(name)) == b"".join(stored.chunks(name))
+            with pytest.raises(RuntimeError, match="fingerprint=False"):
+                reader.fingerprint()

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, signing
-from .durable import fsync_path, write_synced
+from .durable import WriteBehind, fsync_path, write_synced
 from .errors import BundleError
 
 MANIFEST = "manifest.json"
@@ -552,14 +552,19 @@ def load_private_safetensors(bundle_dir: Path, rel: str, manifest: dict, limits:
         raise BundleError(f"{rel} is too large ({st.st_size} bytes, limit {limits.max_file_bytes}): {bundle_dir}")
     handle = tempfile.TemporaryFile(prefix="offsite-private-")
     h, size = hashlib.sha256(), 0
-    with os.fdopen(_open_nofollow(path), "rb") as f:
-        while chunk := f.read(64 << 20):
-            size += len(chunk)
-            if size > limits.max_file_bytes:
-                break
-            h.update(chunk)
-            handle.write(chunk)
-    handle.flush()
+    copy = WriteBehind(handle)  # the copy's disk writes overlap the hashing and the next read
+    try:
+        with os.fdopen(_open_nofollow(path), "rb") as f:
+            while chunk := f.read(64 << 20):
+                size += len(chunk)
+                if size > limits.max_file_bytes:
+                    break
+                h.update(chunk)
+                copy.write(chunk)
+        copy.finish()
+    except BaseException:
+        copy.abort()
+        raise
     if size != meta["size"] or h.hexdigest() != meta["sha256"]:
         handle.close()
         raise BundleError(f"bundle file {rel} does not match its SHA-256 (corrupt, tampered or changed while read): {bundle_dir}")

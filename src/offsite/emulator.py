@@ -400,16 +400,16 @@ def stream_layerdrop(stored: StoredCheckpoint, tokenizer, out_dir: Path, config,
     manifest = emulator_manifest(layout, stored.dtype, "layerdrop", dataclasses.asdict(config), block_map, adapter, "", base_name)
 
     def write(tmp: Path) -> None:
-        writer = ShardedWriter(tmp, plan, max_shard_bytes)
-        names = sorted(stored.source)
-        with stored.read_ahead(names) as reader:  # it hashes every tensor (the base fingerprint) as it reads
-            for name in tqdm(names, desc="layerdrop (streamed)", unit="tensor", disable=bars_disabled()):
-                out = written.get(name)
-                for chunk in reader.chunks(name):
-                    if out is not None:
-                        writer.write(out, chunk)
-            fingerprint = reader.fingerprint()
-        hashed = writer.close()
+        with ShardedWriter(tmp, plan, max_shard_bytes) as writer:  # a failure closes its open shard
+            names = sorted(stored.source)
+            with stored.read_ahead(names) as reader:  # it hashes every tensor (the base fingerprint) as it reads
+                for name in tqdm(names, desc="layerdrop (streamed)", unit="tensor", disable=bars_disabled()):
+                    out = written.get(name)
+                    for chunk in reader.chunks(name):
+                        if out is not None:
+                            writer.write(out, chunk)
+                fingerprint = reader.fingerprint()
+            hashed = writer.close()
         manifest["base"]["fingerprint"] = fingerprint  # known only now; the manifest is written after this
         stored.save_configs(tmp, reduced)
         (tmp / "README.md").write_text(model_card("emulator", manifest))

@@ -353,40 +353,46 @@ def _stream_plugin(stored: StoredCheckpoint, bundle: AdapterBundle, tokenizer, o
     layout = stored.layout
     _check_layout(layout, bundle)
     if bundle.lora is None:
-        check_full_blocks(bundle, full_block_parameters(stored.model, layout, bundle), stored.tensor, max_norm_ratio)
+        # The weights each block tensor replaces (its norm bound), read ahead in the order the checks ask.
+        with stored.read_ahead(list(bundle.tensors), fingerprint=False) as reader:
+            check_full_blocks(bundle, full_block_parameters(stored.model, layout, bundle),
+                              lambda key: stored.as_tensor(key, reader.chunks(key)), max_norm_ratio)
         targets = {}
     else:
-        check_lora(stored.model, layout, bundle, lambda target: stored.tensor(f"{target}.weight"), max_norm_ratio, merged_finite=False)
+        weights = [f"{target}.weight" for target in bundle.lora.target_modules] if max_norm_ratio is not None else []
+        with stored.read_ahead(weights, fingerprint=False) as reader:  # in the order the norm checks ask
+            check_lora(stored.model, layout, bundle, lambda target: stored.as_tensor(f"{target}.weight", reader.chunks(f"{target}.weight")),
+                       max_norm_ratio, merged_finite=False)
         targets = {f"{target}.weight": target for target in bundle.lora.target_modules}
     primary = stored.primary_names()
     plan = [(stored.source[name], stored.dtype_of(name), tuple(stored.state[name].shape)) for name in primary]
     primary = set(primary)
 
     def write(tmp: Path) -> None:
-        writer = ShardedWriter(tmp, plan, max_shard_bytes)
-        names = sorted(stored.source)
-        with stored.read_ahead(names) as reader:  # it hashes the base (its fingerprint) as it reads
-            for name in tqdm(names, desc="plug-in (streamed)", unit="tensor", disable=bars_disabled()):
-                dtype = stored.dtype_of(name)
-                out = stored.source[name] if name in primary else None
-                if name in bundle.tensors:  # replaced: its base bytes are only hashed (by the reader)
-                    for _ in reader.chunks(name):
-                        pass
-                    if out is not None:
-                        writer.write(out, tensor_bytes(bundle.tensors[name].to(dtype)))
-                elif name in targets:
-                    value = stored.as_tensor(name, reader.chunks(name))
-                    if out is not None:  # W += (alpha/r) B A, in W's dtype, as PEFT's merge does
-                        value += lora_delta(bundle, targets[name])
-                        if not torch.isfinite(value).all():
-                            raise PluginError(f"LoRA update of {targets[name][:100]} merges to infinite or NaN weights in {dtype}")
-                        writer.write(out, tensor_bytes(value))
-                else:
-                    for chunk in reader.chunks(name):
+        with ShardedWriter(tmp, plan, max_shard_bytes) as writer:  # a failure closes its open shard
+            names = sorted(stored.source)
+            with stored.read_ahead(names) as reader:  # it hashes the base (its fingerprint) as it reads
+                for name in tqdm(names, desc="plug-in (streamed)", unit="tensor", disable=bars_disabled()):
+                    dtype = stored.dtype_of(name)
+                    out = stored.source[name] if name in primary else None
+                    if name in bundle.tensors:  # replaced: its base bytes are only hashed (by the reader)
+                        for _ in reader.chunks(name):
+                            pass
                         if out is not None:
-                            writer.write(out, chunk)
-            fingerprint = reader.fingerprint()
-        hashed = writer.close()
+                            writer.write(out, tensor_bytes(bundle.tensors[name].to(dtype)))
+                    elif name in targets:
+                        value = stored.as_tensor(name, reader.chunks(name))
+                        if out is not None:  # W += (alpha/r) B A, in W's dtype, as PEFT's merge does
+                            value += lora_delta(bundle, targets[name])
+                            if not torch.isfinite(value).all():
+                                raise PluginError(f"LoRA update of {targets[name][:100]} merges to infinite or NaN weights in {dtype}")
+                            writer.write(out, tensor_bytes(value))
+                    else:
+                        for chunk in reader.chunks(name):
+                            if out is not None:
+                                writer.write(out, chunk)
+                fingerprint = reader.fingerprint()
+            hashed = writer.close()
         _check_fingerprint(bundle, fingerprint)  # raising here publishes nothing
         stored.save_configs(tmp)
         tokenizer.save_pretrained(tmp)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .bundle import TORCH_DTYPES, Fingerprint, safetensors_layout, tensor_bytes
+from .durable import WriteBehind
 from .errors import BundleError, UnsupportedModelError
 from .surgery import BlockLayout, discover_layout, reduced_config
 
@@ -184,10 +185,11 @@ class StoredCheckpoint:
         if generation is not None:
             generation.save_pretrained(out_dir)
 
-    def read_ahead(self, names: list[str], depth: int = 3, chunk_bytes: int = CHUNK_BYTES) -> "ReadAhead":
+    def read_ahead(self, names: list[str], depth: int = 3, chunk_bytes: int = CHUNK_BYTES, fingerprint: bool = True) -> "ReadAhead":
         """The chunks of `names`, in that order, read by a thread `depth` chunks ahead of the caller, so the
-        disk reads overlap the caller's hashing and writing (both release the GIL)."""
-        return ReadAhead(self, names, depth, chunk_bytes)
+        disk reads overlap the caller's hashing and writing (both release the GIL). `fingerprint`: the
+        thread also hashes what it reads (`ReadAhead.fingerprint`)."""
+        return ReadAhead(self, names, depth, chunk_bytes, fingerprint)
 
     def fingerprint(self) -> str:
         """`bundle.model_fingerprint` of the model this checkpoint loads as, from one streamed read."""
@@ -281,10 +283,10 @@ class ReadAhead:
 
     _END = object()
 
-    def __init__(self, stored: StoredCheckpoint, names: list[str], depth: int, chunk_bytes: int):
+    def __init__(self, stored: StoredCheckpoint, names: list[str], depth: int, chunk_bytes: int, fingerprint: bool = True):
         # The reading thread also computes the fingerprint of what it reads (in the caller's name order), so
         # hashing the base and whatever the caller does with the bytes run on two cores.
-        self._fingerprint = Fingerprint()
+        self._fingerprint = Fingerprint() if fingerprint else None
         self._error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -304,10 +306,13 @@ class ReadAhead:
 
     def _produce(self, stored: StoredCheckpoint, chunk_bytes: int) -> None:
         try:
+            hashing = self._fingerprint
             for name in self._names:
-                self._fingerprint.begin(name, stored.dtype_of(name), tuple(stored.state[name].shape))
+                if hashing is not None:
+                    hashing.begin(name, stored.dtype_of(name), tuple(stored.state[name].shape))
                 for chunk in stored.chunks(name, chunk_bytes):
-                    self._fingerprint.update(chunk)
+                    if hashing is not None:
+                        hashing.update(chunk)
                     if not self._put(chunk):
                         return
                 if not self._put(self._END):
@@ -330,6 +335,8 @@ class ReadAhead:
 
     def fingerprint(self) -> str:
         """`bundle.model_fingerprint` over the names read, in order; only once every one has been consumed."""
+        if self._fingerprint is None:
+            raise RuntimeError("ReadAhead: made with fingerprint=False")
         if self._next != len(self._names):
             raise RuntimeError("ReadAhead: the fingerprint is known only once every tensor has been read")
         while self._thread.is_alive():  # it may still be handing over the end of the last tensor
@@ -418,7 +425,8 @@ class ShardedWriter:
     def _switch(self, file: str) -> None:
         if self._handle is not None:
             self._handle.close()
-        self._handle = open(self.out_dir / file, "wb")
+        # The disk write of one chunk overlaps the caller's hashing of the next (and its reads).
+        self._handle = WriteBehind(open(self.out_dir / file, "wb"))
         self._handle.write(self._headers[file])
         self._hashes[file] = hashlib.sha256(self._headers[file])
         self._open_file = file
@@ -438,6 +446,19 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return {file: h.hexdigest() for file, h in self._hashes.items()}
+
+    def abort(self) -> None:
+        """Stop after an error elsewhere: the open shard is closed, incomplete (the caller discards the directory)."""
+        if self._handle is not None:
+            self._handle.abort()
+            self._handle = None
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def _header(shard: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> bytes:
