@@ -76,7 +76,7 @@ def run_stage(name: str, directory: Path, layers: int) -> dict:
     after_imports = psutil.Process().memory_info().rss
     start = time.perf_counter()
     detail = STAGES[name](directory, layers)
-    if name == "gradot":  # usually run on its own (an hour); its ratio is to the read of the same run
+    if name in ("gradot", "scaleot"):  # usually run on their own (an hour); their ratio is to the read of the same run
         previous = ROOT / "benchmarks" / "results" / "scale" / f"scale-{layers}.json"
         if previous.exists() and "read" in json.loads(previous.read_text()):
             detail["read_seconds"] = json.loads(previous.read_text())["read"]["seconds"]
@@ -180,6 +180,25 @@ def gradot(directory: Path, layers: int) -> dict:
 GRADOT_SUPPORT = (4, 64)  # sequences, tokens each
 
 
+def scaleot(directory: Path, layers: int) -> dict:
+    """ScaleOT stage (a) block by block (offsite.methods.scaleot_onload): every middle block's harmonizer fitted
+    on its own input -> output, then the direct swap measurement that ranks the blocks; a small data set (the
+    figures are memory and time: both grow with the rows carried, not with the model's size in memory)."""
+    from offsite.methods.scaleot import ImportanceConfig
+    from offsite.methods.scaleot_onload import onload_importance
+
+    out = directory / "scaleot-artifact"
+    config = ImportanceConfig(objective="local", onload=True, steps=SCALEOT["steps"], batch_size=4, block_size=SCALEOT["tokens"],
+                              data_chars=SCALEOT["chars"], heldout_fraction=0.2, direct_sequences=SCALEOT["direct"], device="cpu")
+    onload_importance(directory / "base", out, config, overwrite=out.exists(), progress=False, log=lambda *_: None, work_dir=directory)
+    manifest = json.loads((out / "manifest.json").read_text())["scaleot"]
+    shutil.rmtree(out)
+    return {"middle": len(manifest["middle"]), "train_blocks": manifest["training"]["train_blocks"], **SCALEOT}
+
+
+SCALEOT = {"steps": 20, "tokens": 64, "chars": 6000, "direct": 2}  # per harmonizer; tokens per sequence; generic text; held-out sequences
+
+
 def make_adapters(directory: Path, layers: int) -> dict:
     """The data owner's side, not measured: the trainable parts made as `offsite finetune` makes them,
     perturbed in place of training, and saved as it saves them."""
@@ -220,8 +239,8 @@ def plugin(kind: str):
 
 STAGES = {"write": write_checkpoint, "read": read_once, "compress": compress, "adapters": make_adapters,
           "plugin-full": plugin("full"), "plugin-lora": plugin("lora"), "gradot": gradot,
-          "copy": copy_once}
-ORDER = ["write", "read", "copy", "compress", "adapters", "plugin-full", "plugin-lora", "gradot"]
+          "copy": copy_once, "scaleot": scaleot}
+ORDER = ["write", "read", "copy", "compress", "adapters", "plugin-full", "plugin-lora", "gradot", "scaleot"]
 
 
 # ---------------------------------------------------------------- the record
@@ -243,6 +262,10 @@ def table(results: dict, args) -> str:
         g = results["gradot"]
         rows.append((f"GradOT on the kept 2-{g['kept_middle']}-2 blocks, middle to {100 * g['target_fraction']:.0f}% "
                      f"(support {g['support'][0]} x {g['support'][1]} tokens, 1 block per pass)", "gradot"))
+    if "scaleot" in results:
+        g = results["scaleot"]
+        rows.append((f"ScaleOT stage (a) block by block: {g['middle']} harmonizers fitted locally ({g['steps']} steps each) and the "
+                     f"direct swap ranking ({g['train_blocks']} training x {g['tokens']} tokens, {g['direct']} held-out)", "scaleot"))
     for label, key in rows:
         if key not in results:
             continue

@@ -104,7 +104,14 @@ def cmd_scaleot_importance(opts: dict) -> None:
     resume, overwrite = take(opts, "resume", False), take(opts, "overwrite", False)
     config = build_dataclass(ImportanceConfig, split_for(ImportanceConfig, opts))
     _reject_leftovers(opts)
-    path = importance_checkpoint(model_path, out, config, base_name=name, resume=resume, overwrite=overwrite)
+    if config.onload:  # block by block from the checkpoint (models larger than memory)
+        from .methods.scaleot_onload import onload_importance
+
+        if resume:
+            raise UsageError("--onload keeps no checkpoints to resume; run it again without --resume")
+        path = onload_importance(model_path, out, config, base_name=name, overwrite=overwrite)
+    else:
+        path = importance_checkpoint(model_path, out, config, base_name=name, resume=resume, overwrite=overwrite)
     print(f"scaleot artifact written to {path}  (use it: offsite compress --method scaleot --artifact {path} --alpha A --beta B)")
     print_summary(path)
 

@@ -30,12 +30,8 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def run_block(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-    """The output of the one-block `model`'s block for this batch; its input is `hidden` (the previous
-    block's output) or, for None, the model's own embeddings of `input_ids`."""
-    block = get_blocks(model, discover_layout(model))[0]
-    captured = {}
+def _input_swapper(hidden: torch.Tensor | None):
+    """A forward pre-hook that hands the block `hidden` in place of the embeddings' output (None: keep them)."""
 
     def swap_input(module, args, kwargs):
         if hidden is None:
@@ -44,11 +40,21 @@ def run_block(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidd
             return (hidden.to(args[0].dtype),) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
 
+    return swap_input
+
+
+@torch.no_grad()
+def run_block(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """The output of the one-block `model`'s block for this batch; its input is `hidden` (the previous
+    block's output) or, for None, the model's own embeddings of `input_ids`."""
+    block = get_blocks(model, discover_layout(model))[0]
+    captured = {}
+
     def keep_output(module, args, out):
         captured["h"] = _output(out)
         raise _Stop
 
-    handles = [block.register_forward_pre_hook(swap_input, with_kwargs=True), block.register_forward_hook(keep_output)]
+    handles = [block.register_forward_pre_hook(_input_swapper(hidden), with_kwargs=True), block.register_forward_hook(keep_output)]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:
@@ -57,6 +63,19 @@ def run_block(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidd
         for h in handles:
             h.remove()
     return captured["h"]
+
+
+@torch.no_grad()
+def run_to_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """The logits of the one-block `model` (its block, final norm and head) for this batch, its block's
+    input being `hidden` (or, for None, the embeddings of `input_ids`)."""
+    block = get_blocks(model, discover_layout(model))[0]
+
+    handle = block.register_forward_pre_hook(_input_swapper(hidden), with_kwargs=True)
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        handle.remove()
 
 
 def block_activations(stored: StoredCheckpoint, input_ids: torch.Tensor, last_block: int, work_dir: str | Path,
@@ -89,4 +108,4 @@ def block_activations(stored: StoredCheckpoint, input_ids: torch.Tensor, last_bl
     return result
 
 
-__all__ = ["block_activations", "run_block"]
+__all__ = ["block_activations", "run_block", "run_to_logits"]

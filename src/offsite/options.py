@@ -274,12 +274,15 @@ def _summary(bundle_dir, m: dict) -> str:
         ]
     elif m["kind"] == "scaleot-artifact":
         body = m["scaleot"]
-        keep = {e["block"]: e["keep_probability"] for e in body["importance"]}
-        lines += [
-            f"harmonizer  rank {body['harmonizer']['rank']}, {body['harmonizer']['activation']}, one per middle block "
-            f"{body['middle'][0]}-{body['middle'][-1]}; {body['training']['steps']} steps",
-            "importance  keep probability, least important first: " + ", ".join(f"{b}: {keep[b]:.2f}" for b in body["ranking"]),
-        ]
+        lines.append(f"harmonizer  rank {body['harmonizer']['rank']}, {body['harmonizer']['activation']}, one per middle block "
+                     f"{body['middle'][0]}-{body['middle'][-1]}; {body['training']['steps']} steps")
+        if body.get("importance") is not None:
+            keep = {e["block"]: e["keep_probability"] for e in body["importance"]}
+            lines.append("importance  keep probability, least important first: " + ", ".join(f"{b}: {keep[b]:.2f}" for b in body["ranking"]))
+        else:  # made block by block: ranked by the direct swap measurement
+            increase = body["direct"]["loss_increase"]
+            lines.append("importance  held-out loss increase when swapped alone, least important first: "
+                         + ", ".join(f"{b}: {increase[str(b)]:+.3f}" for b in body["ranking"]))
     elif m["kind"] == "plugged":
         lines.append(f"adapter     {m['adapter']['type']} {m['adapter']['fingerprint'][:16]}, merged: {m['adapter']['merged']}")
     elif m["kind"] == "pema-head":

@@ -219,8 +219,14 @@ class ImportanceConfig:
     mixed_precision: str = "auto"  # bf16 autocast on GPUs that support it; "no" for float32
     device: str = "auto"
     seed: int = 0
+    # Block by block from the checkpoint, for models larger than memory (offsite.methods.scaleot_onload):
+    # the "local" objective only, ranked by the direct swap measurement (no learned importance).
+    onload: bool = False
 
     def __post_init__(self):
+        if self.onload and (self.objective != "local" or self.direct_sequences < 1):
+            raise ConfigError("onload runs the 'local' objective and ranks by the direct swap measurement: set objective='local' "
+                              f"and direct_sequences >= 1 (got objective={self.objective!r}, direct_sequences={self.direct_sequences})")
         if self.activation not in ACTIVATION_NAMES:
             raise ConfigError(f"activation must be one of {ACTIVATION_NAMES}, got {self.activation!r}")
         if self.objective not in OBJECTIVES:

@@ -545,6 +545,8 @@ def importance_checkpoint(model_path: str | Path, out_dir: str | Path, config: I
     config = config or ImportanceConfig()
     if Path(out_dir).exists() and not kwargs.get("overwrite"):
         raise ConfigError(f"output already exists, not overwriting: {out_dir}")
+    if config.onload:
+        raise ConfigError("onload=True is stage (a) block by block: offsite.methods.scaleot_onload.onload_importance runs it")
     model, tokenizer = load_checkpoint(model_path)
     return estimate_importance(model, tokenizer, out_dir, config, base_name=base_name or str(model_path), **kwargs)
 
@@ -570,7 +572,7 @@ class Artifact:
     path: Path
     manifest: dict
     middle: list[int]
-    logits: dict[int, float]
+    logits: dict[int, float] | None  # None: made block by block (onload), ranked by the direct measurement only
     rank: int
     activation: str
     harmonizers: dict[int, dict[str, torch.Tensor]]  # block -> {down.weight, down.bias, up.weight, up.bias}
@@ -591,6 +593,9 @@ class Artifact:
                 raise ConfigError(f"scaleot artifact {self.path} has no direct swap measurement (stage (a) ran with "
                                   "direct_sequences=0); use ranking='learned'")
             return least_important_first(self.direct)
+        if self.logits is None:
+            raise ConfigError(f"scaleot artifact {self.path} was made block by block (onload) and has no learned importance; "
+                              "use ranking='direct'")
         return least_important_first(self.logits)
 
 
@@ -619,10 +624,12 @@ def load_artifact(path: str | Path) -> Artifact:
     if not isinstance(spec, dict) or type(spec.get("rank")) is not int or not 1 <= spec["rank"] <= hidden \
             or spec.get("activation") not in ACTIVATIONS:
         fail("harmonizer rank/activation")
-    if not isinstance(importance, list) or not all(
+    if importance is None and "direct" not in body:
+        fail("no learned importance and no direct swap measurement")
+    if importance is not None and (not isinstance(importance, list) or not all(
         isinstance(e, dict) and type(e.get("block")) is int and isinstance(e.get("logit"), (int, float))
         and not isinstance(e.get("logit"), bool) and math.isfinite(e["logit"]) for e in importance
-    ) or [e["block"] for e in importance] != middle:
+    ) or [e["block"] for e in importance] != middle):
         fail("importance must give a finite logit for every middle block")
     rank = spec["rank"]
     shapes = {"down.weight": (rank, hidden), "down.bias": (rank,), "up.weight": (hidden, rank), "up.bias": (hidden,)}
@@ -641,8 +648,8 @@ def load_artifact(path: str | Path) -> Artifact:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in increase.values()):
             fail("direct.loss_increase must give a finite number for every middle block")
         direct = {int(b): float(v) for b, v in increase.items()}
-    return Artifact(path, manifest, middle, {e["block"]: float(e["logit"]) for e in importance}, rank, spec["activation"],
-                    harmonizers, direct)
+    logits = None if importance is None else {e["block"]: float(e["logit"]) for e in importance}
+    return Artifact(path, manifest, middle, logits, rank, spec["activation"], harmonizers, direct)
 
 
 
