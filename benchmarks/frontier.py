@@ -233,7 +233,8 @@ def frontier_rows(results: Path, tasks: list[str], args) -> tuple[list[dict], di
     full_ft = outcomes(full_ft_runs, tasks, "full_ft") if full_ft_runs else None
     rows = []
     for point in ALL_POINTS:
-        runs = [d for s in seeds_of(point, args) if (d := load(results, point, s))]
+        # Only the seeds measured on every task: a seed still running must not hide the ones that are done.
+        runs = [d for s in seeds_of(point, args) if complete(d := load(results, point, s), tasks, point_settings(point, s, args))]
         plugin = outcomes(runs, tasks, "plugin") if runs else None
         if plugin is None:
             continue
