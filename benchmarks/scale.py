@@ -278,8 +278,9 @@ def table(results: dict, args) -> str:
         full = results["plugin-full"]
         lines += ["", f"The full-block adapter is {full['adapter_bytes'] / 1e9:.2f} GB (bf16); plug-in reads it one tensor at a time "
                   "from a private verified copy, and never holds the base model."]
-    if "gradot" in results and "read_seconds" in results["gradot"]:
-        lines += [f"GradOT ran in a separate run; its ratio is to that run's read ({results['gradot']['read_seconds']:.1f} s)."]
+    for key, name in (("gradot", "GradOT"), ("scaleot", "ScaleOT's stage (a)")):
+        if key in results and "read_seconds" in results[key]:
+            lines += [f"{name} ran in a separate run; its ratio is to the read measured before it ({results[key]['read_seconds']:.1f} s)."]
     return "\n".join(lines)
 
 
