@@ -36,6 +36,7 @@ CONFIGS = {
     "base": {},
     "lr3e-5": {"lr": 3e-5},
     "lr3e-4": {"lr": 3e-4},
+    "lr1e-3": {"lr": 1e-3},
     "epochs2": {"epochs": 2},
     "epochs3": {"epochs": 3},
     "adapter3": {"adapter": 3},
@@ -44,6 +45,7 @@ CONFIGS = {
     "lora-lr3e-4": {"lora": True, "lr": 3e-4},
     "full-base": {"full": True},
     "full-lr3e-5": {"full": True, "lr": 3e-5},
+    "full-lr3e-4": {"full": True, "lr": 3e-4},
     "full-epochs2": {"full": True, "epochs": 2},
 }
 SHARE = 0.85
