@@ -33,7 +33,7 @@ from offsite.structure import Harmonizer, LowRankLinear, dense_weight, linear_sh
 from offsite.surgery import attention_linear_names, build_reduced_model, discover_layout, get_blocks
 from offsite.training import FinetuneConfig, finetune
 from conftest import edit_manifest
-from tiny import FAMILIES, VOCAB, save_tiny_checkpoint, tiny_model
+from tiny import FAMILIES, VOCAB, block_io, save_tiny_checkpoint, tiny_model
 
 TEXTS = [f"Passage {i}: the quick brown fox jumps over the lazy dog while science asks questions." for i in range(60)]
 SMALL = dict(rank=4, steps=6, batch_size=4, block_size=16, checkpoint_every=0, log_every=2, device="cpu", policy_lr=0.2, lr=3e-2)
@@ -182,28 +182,18 @@ def test_local_objective_fits_the_blocks(tokenizer, tmp_path):
     """Block-local regression: after training, the harmonizers map their blocks' inputs closer to the
     blocks' outputs than the identity they start as (normalised MSE on the original network's
     activations over the training text)."""
-    from offsite.distill import pack_blocks
-    from offsite.methods.scaleot import _Taps, normalised_mse
+    from offsite.methods.scaleot import normalised_mse
 
     base = tiny_model("llama")
     art = load_artifact(stage_a(base, tokenizer, tmp_path / "art", steps=60, objective="local", lr=3e-3))
-    layout = discover_layout(base)
-    blocks = get_blocks(base, layout)
-    taps = _Taps()
-    for i in art.middle:
-        taps.watch(blocks[i], i, record_input=True)
-    ids = torch.tensor([b["input_ids"] for b in pack_blocks(tokenizer, TEXTS, 16)])
-    with torch.no_grad():
-        base(input_ids=ids)
-    taps.close()
-    trained = new_harmonizers(base, layout, art.middle, rank=4)
-    mask = torch.ones(ids.shape)
+    inputs, outputs, mask = block_io(base, tokenizer, art.middle, TEXTS, 16)
+    trained = new_harmonizers(base, discover_layout(base), art.middle, rank=4)
     fitted, identity = [], []
     for i in art.middle:
         trained[str(i)].load_state_dict(art.harmonizers[i])
         with torch.no_grad():
-            fitted.append(float(normalised_mse(trained[str(i)](taps.inputs[i]), taps.outputs[i], mask)))
-            identity.append(float(normalised_mse(taps.inputs[i], taps.outputs[i], mask)))
+            fitted.append(float(normalised_mse(trained[str(i)](inputs[i]), outputs[i], mask)))
+            identity.append(float(normalised_mse(inputs[i], outputs[i], mask)))
     assert sum(fitted) < 0.97 * sum(identity), (fitted, identity)
 
 

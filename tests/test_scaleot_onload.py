@@ -14,7 +14,7 @@ from offsite.methods.scaleot import ImportanceConfig, importance_checkpoint, loa
 from offsite.methods.scaleot_onload import onload_importance
 from offsite.models import load_checkpoint
 from offsite.surgery import discover_layout, get_blocks
-from tiny import save_tiny_checkpoint
+from tiny import block_io, save_tiny_checkpoint
 
 TEXTS = [f"Passage {i}: the quick brown fox jumps over the lazy dog while science asks questions." for i in range(60)]
 SMALL = dict(rank=4, steps=40, batch_size=4, block_size=16, checkpoint_every=0, device="cpu", lr=3e-3, objective="local",
@@ -57,22 +57,13 @@ def test_onloaded_harmonizers_fit_their_blocks_and_stage_b_ranks_directly(tmp_pa
     assert training["onloaded"] and manifest["scaleot"]["importance"] is None
     # Each harmonizer fits better than the identity it starts as: the normalised MSE of the identity on
     # the same activations (block input vs output) is what it began at.
-    from offsite.distill import pack_blocks
-    from offsite.methods.scaleot import _Taps, normalised_mse
+    from offsite.methods.scaleot import normalised_mse
 
     model, tokenizer = load_checkpoint(tmp_path / "base")
-    blocks = get_blocks(model, discover_layout(model))
     art = load_artifact(path)
-    taps = _Taps()
+    inputs, outputs, mask = block_io(model, tokenizer, art.middle, TEXTS, 16)
     for i in art.middle:
-        taps.watch(blocks[i], i, record_input=True)
-    ids = torch.tensor([b["input_ids"] for b in pack_blocks(tokenizer, TEXTS, 16)])
-    with torch.no_grad():
-        model(input_ids=ids)
-    taps.close()
-    mask = torch.ones(ids.shape)
-    for i in art.middle:
-        identity = float(normalised_mse(taps.inputs[i], taps.outputs[i], mask))
+        identity = float(normalised_mse(inputs[i], outputs[i], mask))
         assert training["final_local_loss"][str(i)] < 0.97 * identity, (i, training["final_local_loss"], identity)
 
     emulator = compress_checkpoint(tmp_path / "base", tmp_path / "emu", "scaleot",

@@ -85,3 +85,23 @@ def save_tiny_checkpoint(family: str, path, seed: int = 0):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+def block_io(model, tokenizer, blocks: list[int], texts: list[str], block_size: int):
+    """(inputs, outputs, mask): what each of `blocks` reads and returns, by block index, over `texts` packed
+    into blocks of `block_size` tokens (no padding: the mask is all ones)."""
+    from offsite.lm import pack_blocks
+    from offsite.methods.scaleot import _Taps
+    from offsite.surgery import discover_layout, get_blocks
+
+    modules = get_blocks(model, discover_layout(model))
+    taps = _Taps()
+    for i in blocks:
+        taps.watch(modules[i], i, record_input=True)
+    ids = torch.tensor([b["input_ids"] for b in pack_blocks(tokenizer, texts, block_size)])
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        taps.close()
+    return taps.inputs, taps.outputs, torch.ones(ids.shape)

@@ -25,7 +25,7 @@ from .bundle import (
 from .cards import model_card
 from .errors import BundleError, ConfigError, UnsupportedModelError
 from .methods import Emulator, build_emulator
-from .models import load_checkpoint  # noqa: F401  (re-exported: the Hugging Face checkpoint loader)
+from .models import checkpoint_tokenizer, load_checkpoint  # noqa: F401  (load_checkpoint re-exported: the Hugging Face checkpoint loader)
 from .progress import bars_disabled
 from .signing import load_private_key
 from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, open_stored
@@ -343,14 +343,8 @@ def compress_checkpoint(
     if config is not None and not isinstance(config, spec.config_class):
         raise ConfigError(f"method {method!r} needs a {spec.config_class.__name__}, got {type(config).__name__}")
     model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {model_path}")
     explicit_stream = stream is True
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"the checkpoint's tokenizer cannot be loaded ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
-                          f"an emulator bundle ships it: {model_path}") from None
+    tokenizer = checkpoint_tokenizer(model_path, note="; an emulator bundle ships it")
     if dtype == "auto":
         declared = getattr(AutoConfig.from_pretrained(model_path, local_files_only=True), "dtype", None)
         dtype = declared if isinstance(declared, torch.dtype) and declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32

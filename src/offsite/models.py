@@ -31,6 +31,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def checkpoint_tokenizer(path: str | Path, note: str = ""):
+    """The tokenizer of the local HF checkpoint at `path`, before any weight is read: one BundleError line
+    if `path` is not a checkpoint directory or its tokenizer does not load (`note` is added to that line)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {path}")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"the checkpoint's tokenizer cannot be loaded ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+                          f"{note}: {path}") from None
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load a local HF checkpoint (safetensors only) and its tokenizer, with one-line errors."""
     path = Path(path)

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .adapter import PEFT_PREFIX, AdapterBundle, load_adapter
 from .bundle import DTYPES, bundle_fingerprint, model_fingerprint, parse_dtype, read_manifest, tensor_bytes, write_bundle
 from .cards import model_card
 from .emulator import LoadedEmulator, check_blocks, load_checkpoint
 from .errors import BundleError, ConfigError, PluginError
+from .models import checkpoint_tokenizer
 from .progress import bars_disabled
 from .signing import load_private_key
 from .streaming import DEFAULT_SHARD_BYTES, ShardedWriter, StoredCheckpoint, open_stored
@@ -321,13 +322,7 @@ def plugin_checkpoint(
         raise ConfigError("only a merged plug-in of full blocks or of LoRA without bias terms streams; pass stream=False")
     if stream:
         base_path = Path(base_path)
-        if not (base_path / "config.json").is_file():
-            raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {base_path}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise BundleError(f"the checkpoint's tokenizer cannot be loaded ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
-                              f"{base_path}") from None
+        tokenizer = checkpoint_tokenizer(base_path)
         stored = open_stored(base_path, dtype, required=explicit_stream)
         if stored is not None:
             with stored:

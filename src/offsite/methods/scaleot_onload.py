@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import BundleError, ConfigError
-from ..models import resolve_device
+from ..errors import ConfigError
+from ..models import checkpoint_tokenizer, resolve_device
 from ..onload import run_block, run_to_logits
 from ..progress import bars_disabled
 from ..structure import TUPLE_OUTPUT_BLOCKS, Harmonizer
@@ -47,8 +47,6 @@ def onload_importance(model_path: str | Path, out_dir: str | Path, config: Impor
                       work_dir: str | Path | None = None) -> Path:
     """Stage (a) from the checkpoint at `model_path`, one block in memory at a time (see the module).
     `texts` overrides the configured data; the activations go to a temporary directory under `work_dir`."""
-    from transformers import AutoTokenizer
-
     from ..streaming import StoredCheckpoint
 
     if config.objective != "local" or not config.direct_sequences:
@@ -58,13 +56,7 @@ def onload_importance(model_path: str | Path, out_dir: str | Path, config: Impor
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"output already exists, not overwriting: {out_dir}")
     model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise BundleError(f"not a Hugging Face checkpoint directory (no config.json): {model_path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"the checkpoint's tokenizer cannot be loaded ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): "
-                          f"{model_path}") from None
+    tokenizer = checkpoint_tokenizer(model_path)
     train_set, heldout_set = split_features(tokenizer, texts if texts is not None else importance_texts(config), config)
     with StoredCheckpoint(model_path, torch.float32) as stored:
         layout = stored.layout
