@@ -213,13 +213,19 @@ STUDY_PAIRS = [
 ]
 
 
-def study_lines(rows: list[dict]) -> str:
-    """The ScaleOT study's paired differences of plug-in accuracy, for the pairs measured so far."""
+# GradOT's lambda sweep: the balanced privacy term against the default absolute lambda, same docs.
+GRADOT_SWEEP_PAIRS = [
+    (f"balanced lambda {lam} − absolute lambda 1 (the default)", f"gradot-bal{lam}-50", "gradot-50") for lam in ("0.3", "1", "3")
+]
+
+
+def study_lines(rows: list[dict], title: str = "ScaleOT study", pairs: list[tuple[str, str, str]] = STUDY_PAIRS) -> str:
+    """A study's paired differences of plug-in and emulator-FT accuracy, for the pairs measured so far."""
     by_point = {r["point"]: r for r in rows}
     lines = [f"- {label}: {paired_bootstrap(by_point[a]['_plugin'], by_point[b]['_plugin'])} (plug-in), "
              f"{paired_bootstrap(by_point[a]['_emu_ft'], by_point[b]['_emu_ft'])} (emulator FT)"
-             for label, a, b in STUDY_PAIRS if a in by_point and b in by_point and by_point[a]["_emu_ft"] and by_point[b]["_emu_ft"]]
-    return ("\n\nScaleOT study, differences in points with paired 95% intervals:\n\n" + "\n".join(lines)) if lines else ""
+             for label, a, b in pairs if a in by_point and b in by_point and by_point[a]["_emu_ft"] and by_point[b]["_emu_ft"]]
+    return (f"\n\n{title}, differences in points with paired 95% intervals:\n\n" + "\n".join(lines)) if lines else ""
 
 
 def mean_acc(per_task) -> float:
@@ -382,7 +388,7 @@ def main() -> None:
             return
 
     rows, full = frontier_rows(results, tasks, args)
-    table = markdown(rows, full, tasks, args) + study_lines(rows) + "\n\nEvery number measured so far (raw accuracy %, 500 docs per task):\n\n" + \
+    table = markdown(rows, full, tasks, args) + study_lines(rows) + study_lines(rows, "GradOT's lambda sweep at 50%", GRADOT_SWEEP_PAIRS) + "\n\nEvery number measured so far (raw accuracy %, 500 docs per task):\n\n" + \
         per_task_table(results, tasks, args)
     results.mkdir(parents=True, exist_ok=True)
     (results / "table.md").write_text(table + "\n")
