@@ -39,6 +39,10 @@ from offsite.training import FinetuneConfig
 from record import ROOT, update_readme
 
 TASKS = "arc_easy,sciq,piqa"
+# The six OT tasks: the best point of each method (its 85% point) and full fine-tuning also run on the other
+# three (`--six-tasks`), which extends the same per-point files (ARC-Challenge's validation split has 299 docs).
+SIX_TASKS = "arc_easy,sciq,piqa,arc_challenge,openbookqa,hellaswag"
+SIX_TASK_POINTS = ["full"] + [f"{m}-85" for m in ("layerdrop", "gradot", "crash", "magnitude", "layerdrop+kd", "scaleot-match")]
 DISTILL = {"tokens": 150_000, "block_size": 128, "batch_size": 8, "lr": 1e-4, "eval_every": 25, "eval_chars": 10_000}
 # Share of the middle each size keeps. LayerDrop and CRaSh keep k = round(share x M) of the M middle
 # blocks (SmolLM2, M = 26: 22 and 13; Gemma3-270M, M = 14: 12 and 7) and GradOT the same fraction k / M
@@ -181,6 +185,12 @@ def seeds_of(point: str, args) -> list[int]:
     return args.seeds_list[:1]
 
 
+def measured_runs(results: Path, point: str, tasks: list[str], args) -> list[dict]:
+    """Every seed of `point` measured on every task (a second seed run later with --seeds counts too; a seed
+    still running must not hide the ones that are done)."""
+    return [d for s in args.seeds_list if complete(d := load(results, point, s), tasks, point_settings(point, s, args))]
+
+
 def load(results: Path, point: str, seed: int) -> dict | None:
     path = result_path(results, point, seed)
     return json.loads(path.read_text()) if path.is_file() else None
@@ -210,6 +220,9 @@ STUDY_PAIRS = [
     ("harmonizers at ScaleOT's placement (ScaleOT − LayerDrop keeping ScaleOT's blocks)", "scaleot-match-50", "ld@scaleot-match-50"),
     ("harmonizers at uniform placement (harmonizers at LayerDrop's dropped blocks − uniform LayerDrop)", "harm@ld-match-50", "layerdrop-50"),
     ("learned vs direct ranking (ScaleOT ranked by direct swaps − learned importance)", "scaleot-match+direct-50", "scaleot-match-50"),
+    ("harmonizer objective: LM loss only − LM + matching", "scaleot-lm-50", "scaleot-match-50"),
+    ("harmonizer objective: block-local regression − LM + matching", "scaleot-local-50", "scaleot-match-50"),
+    ("ScaleOT (LM + matching) at 85% − uniform LayerDrop at 85%", "scaleot-match-85", "layerdrop-85"),
 ]
 
 
@@ -232,15 +245,14 @@ def mean_acc(per_task) -> float:
     return 100 * sum(x.mean() for x in per_task) / len(per_task)
 
 
-def frontier_rows(results: Path, tasks: list[str], args) -> tuple[list[dict], dict]:
+def frontier_rows(results: Path, tasks: list[str], args, points: list[str] | None = None) -> tuple[list[dict], dict]:
     baseline = [d for s in args.seeds_list if (d := load(results, "full", s))]
     full_zs = outcomes(baseline[:1], tasks, "full_zs") if baseline else None
     full_ft_runs = [d for d in baseline if all("full_ft" in d["tasks"].get(t, {}) for t in tasks)]
     full_ft = outcomes(full_ft_runs, tasks, "full_ft") if full_ft_runs else None
     rows = []
-    for point in ALL_POINTS:
-        # Only the seeds measured on every task: a seed still running must not hide the ones that are done.
-        runs = [d for s in seeds_of(point, args) if complete(d := load(results, point, s), tasks, point_settings(point, s, args))]
+    for point in points or ALL_POINTS:
+        runs = measured_runs(results, point, tasks, args)
         plugin = outcomes(runs, tasks, "plugin") if runs else None
         if plugin is None:
             continue
@@ -309,7 +321,7 @@ def per_task_table(results: Path, tasks: list[str], args) -> str:
             data = load(results, point, seed)
             if not data:
                 continue
-            for task in tasks:
+            for task in [t for t in SIX_TASKS.split(",") if t in tasks or t in data["tasks"]]:
                 if task not in data["tasks"]:
                     continue
                 lines.append(f"| {point} | {seed} | {task} | {cell(baseline, task, 'full_zs')} | {cell(baseline, task, 'full_ft')} | "
@@ -352,6 +364,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--six-tasks", action="store_true",
+                   help="run the six OT tasks for the best point of each method and full fine-tuning (default points: "
+                        + ", ".join(SIX_TASK_POINTS) + ")")
     p.add_argument("--points", default=None, help="comma-separated points (default: the whole grid, 'full' first)")
     p.add_argument("--seeds", default="0,1", help="data-owner seeds (the 85%% points use the first only)")
     p.add_argument("--train-limit", type=int, default=1000)
@@ -366,9 +381,11 @@ def main() -> None:
     args = p.parse_args()
     args.seeds_list = [int(s) for s in args.seeds.split(",")]
     args.results = args.results or str(ROOT / "benchmarks" / "results" / "frontier" / Path(args.model).name)
+    if args.six_tasks:
+        args.tasks = SIX_TASKS
     results, tasks = Path(args.results), args.tasks.split(",")
 
-    points = args.points.split(",") if args.points else ["full"] + ALL_POINTS
+    points = args.points.split(",") if args.points else (SIX_TASK_POINTS if args.six_tasks else ["full"] + ALL_POINTS)
     for point in points:
         if point != "full" and point not in ALL_POINTS:
             raise SystemExit(f"unknown point {point!r}; choose from full, {', '.join(ALL_POINTS)}")
@@ -387,9 +404,14 @@ def main() -> None:
         if args.list:
             return
 
+    tasks = TASKS.split(",") if args.six_tasks else tasks  # the main table stays on the grid's tasks
     rows, full = frontier_rows(results, tasks, args)
-    table = markdown(rows, full, tasks, args) + study_lines(rows) + study_lines(rows, "GradOT's lambda sweep at 50%", GRADOT_SWEEP_PAIRS) + "\n\nEvery number measured so far (raw accuracy %, 500 docs per task):\n\n" + \
-        per_task_table(results, tasks, args)
+    table = markdown(rows, full, tasks, args) + study_lines(rows) + study_lines(rows, "GradOT's lambda sweep at 50%", GRADOT_SWEEP_PAIRS)
+    six = SIX_TASKS.split(",")
+    rows6, full6 = frontier_rows(results, six, args, points=SIX_TASK_POINTS[1:])
+    if rows6 and full6["full_ft"] is not None:
+        table += "\n\nThe six OT tasks, each method's 85% point (seed 0):\n\n" + markdown(rows6, full6, six, args)
+    table += "\n\nEvery number measured so far (raw accuracy %, 500 docs per task; ARC-Challenge 299):\n\n" + per_task_table(results, tasks, args)
     results.mkdir(parents=True, exist_ok=True)
     (results / "table.md").write_text(table + "\n")
     plot(rows, full, results / "frontier.png", f"{args.model}: plug-in vs emulator fine-tuned ({', '.join(tasks)})")

@@ -224,6 +224,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.2, help="PEMA input dropout")
     p.add_argument("--pema-lr", type=float, default=1e-3)
     p.add_argument("--variant", default=None, help="train and score only this PEMA variant against the committed record")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="only the model alone, at --shots, scored against the committed zero-shot record (prompting probe)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-lr", type=float, default=3e-4)
     p.add_argument("--lora-epochs", type=int, default=1)
@@ -247,6 +249,9 @@ def main() -> None:
         settings = json.loads(args.stage_settings)
         result = measured(lambda: STAGES[args.stage](settings))
         Path(args.stage_out).write_text(json.dumps({"settings": settings, **result}, indent=1))
+        return
+    if args.baseline_only:
+        baseline_only(args)
         return
     if args.variant:
         variant(args)
@@ -351,6 +356,33 @@ def variant(args) -> None:
           f"PEMA {100 * m['val_accuracy_pema']:.1f}% vs model {100 * m['val_accuracy_lm']:.1f}%; "
           + ", ".join(f"vs {k} {d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for k, (d, lo, hi) in result["bleu_vs"].items()))
     print(f"written to {target}")
+
+
+def baseline_only(args) -> None:
+    """The model alone with --shots demonstrations in every prompt, against the committed zero-shot record: does
+    prompting alone make the model copy and edit? Written to benchmarks/results/pema/<task>/prompting/."""
+    from offsite.emulator import load_checkpoint
+    from offsite.models import resolve_device, resolve_model
+    from offsite.pema import GenerateConfig, RepresentationServer, export_head_checkpoint, load_head
+
+    committed = ROOT / "benchmarks" / "results" / "pema" / args.task
+    zero_shot = json.loads((committed / "none.json").read_text())
+    if (zero_shot["settings"]["eval_limit"], zero_shot["settings"]["max_new_tokens"]) != (args.eval_limit, args.max_new_tokens):
+        raise SystemExit("pass the committed record's --eval-limit and --max-new-tokens")
+    model_path, name = resolve_model(args.model)
+    head_dir = Path(args.out) / "head"
+    if not (head_dir / "manifest.json").exists():
+        export_head_checkpoint(model_path, head_dir, base_name=name, overwrite=head_dir.exists())
+    head = load_head(head_dir)
+    server = RepresentationServer(load_checkpoint(model_path)[0].to(resolve_device("auto").type))
+    chat = args.chat and bool(getattr(head.tokenizer, "chat_template", None))
+    examples = prompts(argparse.Namespace(**{**vars(args), "val_limit": 0}), head, chat, "eval")
+    settings = {**zero_shot["settings"], "shots": args.shots}
+    result = evaluate(f"none-{args.shots}shot", committed / "prompting", settings,
+                      lambda: (server, head, None, GenerateConfig(max_new_tokens=args.max_new_tokens)), examples)
+    result["bleu_vs"] = {k: bleu_interval(result, json.loads((committed / f"{k}.json").read_text())) for k in ("none", "copy")}
+    (committed / "prompting" / f"none-{args.shots}shot.json").write_text(json.dumps(result, indent=1))
+    print(", ".join(f"vs {k} {d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for k, (d, lo, hi) in result["bleu_vs"].items()))
 
 
 def record(args) -> None:
