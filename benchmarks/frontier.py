@@ -191,6 +191,26 @@ def measured_runs(results: Path, point: str, tasks: list[str], args) -> list[dic
     return [d for s in args.seeds_list if complete(d := load(results, point, s), tasks, point_settings(point, s, args))]
 
 
+def share_emulator(point: str, seed: int, args) -> None:
+    """The owner issues one emulator per point; every data-owner seed trains on it. A later seed's report starts
+    from a copy of the first built seed's bundles (emulator, and distilled emulator) instead of rebuilding them
+    (distillation alone is ~40 min here). The report checks the copy's base fingerprint as it would its own."""
+    import shutil
+
+    target = Path(args.runs) / point / f"s{seed}"
+    for source in sorted((Path(args.runs) / point).glob("s*")):
+        if source == target or not (source / "emulator" / "manifest.json").exists():
+            continue
+        for name in ("emulator", "emulator-distilled"):
+            if (source / name / "manifest.json").exists() and not (target / name).exists():
+                target.mkdir(parents=True, exist_ok=True)
+                tmp = target / f".{name}.copying"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(source / name, tmp)
+                tmp.rename(target / name)
+        return
+
+
 def load(results: Path, point: str, seed: int) -> dict | None:
     path = result_path(results, point, seed)
     return json.loads(path.read_text()) if path.is_file() else None
@@ -399,6 +419,7 @@ def main() -> None:
                 if done:
                     continue
                 start = time.perf_counter()
+                share_emulator(point, seed, args)
                 run_report(point_config(point, seed, args), progress=False)
                 print(f"[frontier] {point} seed {seed}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
         if args.list:
