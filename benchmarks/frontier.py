@@ -147,7 +147,7 @@ METHODS = ("layerdrop", "gradot", "crash", "magnitude", "layerdrop+kd", "scaleot
 GRID = [f"{m}-50" for m in METHODS] + [f"{m}-85" for m in METHODS]
 # ScaleOT's objectives and ablations (issue: which component fails), and GradOT's lambda sweep.
 SCALEOT_STUDY = ["ld@scaleot-match-50", "harm@ld-match-50", "scaleot-match+direct-50", "scaleot-lm-50", "scaleot-local-50",
-                 "scaleot-lm-85", "scaleot-local-85"]
+                 "scaleot-local+direct-50", "scaleot-lm-85", "scaleot-local-85"]
 LAMBDA_SWEEP = ["gradot-bal0.3-50", "gradot-bal1-50", "gradot-bal3-50"]
 ALL_POINTS = GRID + SCALEOT_STUDY + LAMBDA_SWEEP
 
@@ -242,7 +242,10 @@ STUDY_PAIRS = [
     ("learned vs direct ranking (ScaleOT ranked by direct swaps − learned importance)", "scaleot-match+direct-50", "scaleot-match-50"),
     ("harmonizer objective: LM loss only − LM + matching", "scaleot-lm-50", "scaleot-match-50"),
     ("harmonizer objective: block-local regression − LM + matching", "scaleot-local-50", "scaleot-match-50"),
+    ("block-local harmonizers ranked by direct swaps (the --onload path) − learned importance", "scaleot-local+direct-50",
+     "scaleot-local-50"),
     ("ScaleOT (LM + matching) at 85% − uniform LayerDrop at 85%", "scaleot-match-85", "layerdrop-85"),
+    ("ScaleOT (block-local) at 85% − uniform LayerDrop at 85%", "scaleot-local-85", "layerdrop-85"),
 ]
 
 
