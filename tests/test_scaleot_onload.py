@@ -98,6 +98,6 @@ def test_onload_from_the_cli(base_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "importance  held-out loss increase when swapped alone, least important first" in out
-    code = main(["scaleot-importance", "--model", str(base_dir), "--out", str(tmp_path / "art2"), "--onload"])
+    code = main(["scaleot-importance", "--model", str(base_dir), "--out", str(tmp_path / "art2"), "--onload", "--objective", "lm"])
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and "local" in err and not (tmp_path / "art2").exists()
