@@ -129,7 +129,9 @@ def main() -> None:
     start = time.perf_counter()
     artifact = runs / "scaleot" / "artifact"
     if not artifact.exists():
-        importance = ImportanceConfig(rank=args.rank, steps=args.importance_steps, batch_size=args.importance_batch_size,
+        # The first record's stage (a): the paper's LM-loss objective, one policy sample (before the defaults changed).
+        importance = ImportanceConfig(objective="lm", policy_samples=1, rank=args.rank, steps=args.importance_steps,
+                                      batch_size=args.importance_batch_size,
                                       block_size=args.importance_block_size, data_chars=args.importance_chars, checkpoint_every=25)
         importance_checkpoint(model_path, artifact, importance, base_name=model_name, resume=True)
     stage_a = load_artifact(artifact).manifest["scaleot"]["training"]
