@@ -158,11 +158,11 @@ def table(args) -> str:
         diff = "–"
         if base in rows and name != base:
             d = paired_bootstrap([bits(name)[t] for t in args.tasks], [bits(base)[t] for t in args.tasks])
-            diff = f"{d.diff:+.1f} [{d.low:+.1f}, {d.high:+.1f}]"
+            diff = str(d)
         to_full = "–"
         if best_full and not s["full"]:
             d = paired_bootstrap([bits(name)[t] for t in args.tasks], [bits(best_full)[t] for t in args.tasks])
-            to_full = f"{d.diff:+.1f} [{d.low:+.1f}, {d.high:+.1f}] ({best_full})"
+            to_full = f"{d} ({best_full})"
         lines.append(f"| {name} | {change} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {sum(accs) / len(accs):.1f} | {diff} | {to_full} |")
     return "\n".join(lines)
 

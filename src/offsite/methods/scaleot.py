@@ -23,8 +23,9 @@ the normalised MSE mean((t - s)^2) / mean(t^2) between the mixed network's hidde
 run of harmonized blocks and the original network's at the same block (as OT's distillation);
 "local", each harmonizer regressed on its own block's input -> output in the original network
 (every harmonizer, every step; the default, the one objective that beat size-matched LayerDrop's
-plug-in here without narrowing the plug-in - emulator gap). With `policy_samples` K >= 2 (default 4) the importance step scores K sampled
-mixed networks on the same held-out batch and each sample's advantage is its reward minus the
+plug-in here without narrowing the plug-in - emulator gap). With `policy_samples` K >= 2 (default
+4) the importance step scores K sampled mixed networks on the same held-out batch and each
+sample's advantage is its reward minus the
 mean of the other K - 1 (leave-one-out; unbiased, no state across steps); the logits are trained
 by AdamW without weight decay at `policy_lr`. After training, unless `direct_sequences` is 0,
 each block is measured directly: the held-out loss increase when it alone is swapped for its
