@@ -42,7 +42,7 @@ TASKS = "arc_easy,sciq,piqa"
 # The six OT tasks: the best point of each method (its 85% point) and full fine-tuning also run on the other
 # three (`--six-tasks`), which extends the same per-point files (ARC-Challenge's validation split has 299 docs).
 SIX_TASKS = "arc_easy,sciq,piqa,arc_challenge,openbookqa,hellaswag"
-SIX_TASK_POINTS = ["full"] + [f"{m}-85" for m in ("layerdrop", "gradot", "crash", "magnitude", "layerdrop+kd", "scaleot-match")]
+SIX_TASK_POINTS = ["full"] + [f"{m}-85" for m in ("layerdrop", "gradot", "scaleot-local", "crash", "layerdrop+kd", "magnitude")]
 DISTILL = {"tokens": 150_000, "block_size": 128, "batch_size": 8, "lr": 1e-4, "eval_every": 25, "eval_chars": 10_000}
 # Share of the middle each size keeps. LayerDrop and CRaSh keep k = round(share x M) of the M middle
 # blocks (SmolLM2, M = 26: 22 and 13; Gemma3-270M, M = 14: 12 and 7) and GradOT the same fraction k / M
@@ -142,7 +142,7 @@ def method_spec(name: str, size: str, model: str = "smollm2-135m") -> tuple[str,
     return specs[name]
 
 
-METHODS = ("layerdrop", "gradot", "crash", "magnitude", "layerdrop+kd", "scaleot-match")
+METHODS = ("layerdrop", "gradot", "scaleot-local", "crash", "layerdrop+kd", "magnitude")
 # Grid order: the 50% size first (where methods differ most), then 85%.
 GRID = [f"{m}-50" for m in METHODS] + [f"{m}-85" for m in METHODS]
 # ScaleOT's objectives and ablations (issue: which component fails), and GradOT's lambda sweep.

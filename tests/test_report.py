@@ -53,6 +53,29 @@ def test_report_runs_every_setting_and_resumes(base_dir, tmp_path):
         run_report(changed, progress=False, log=lines.append)
 
 
+def test_result_store_keeps_results_across_neutral_and_later_added_finetune_fields(tmp_path):
+    """A results file written before a training field existed still serves a run whose field reproduces the old
+    behaviour; logging options never matter; anything that changes the numbers is refused."""
+    import dataclasses
+
+    from offsite.report import ResultStore
+
+    def config(**finetune):
+        return json.loads(json.dumps(dataclasses.asdict(ReportConfig(model="m", finetune=FinetuneConfig(**finetune)))))
+
+    old = config(group_by_length=False)
+    for field in ("group_by_length", "report_to", "gradient_checkpointing"):
+        del old["finetune"][field]  # as a results file from before those fields were written
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"config": old, "tasks": {"sciq": {"plugin": {"acc": 0.5}}}}))
+
+    store = ResultStore(path, config(group_by_length=False, log_every=1, report_to="tensorboard", gradient_checkpointing=True))
+    assert store.get("sciq", "plugin") == {"acc": 0.5}
+    for changed in (config(), config(group_by_length=False, lr=3e-4)):  # grouped batches (the new default); another lr
+        with pytest.raises(ConfigError, match="different configuration"):
+            ResultStore(path, changed)
+
+
 def test_report_config_from_yaml_mapping():
     config = ReportConfig.from_dict({"distill": {"tokens": 1000}, "tasks": "piqa,sciq", "finetune": {"lora": True, "lr": 1e-4}, "method_params": {"num_kept": 4}})
     assert config.tasks == ["piqa", "sciq"] and config.finetune.lora and config.finetune.lr == 1e-4

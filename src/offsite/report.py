@@ -92,6 +92,19 @@ class ReportConfig:
 # What the cached numbers depend on; other options (tasks, output paths, batch size for scoring,
 # extra checks) can change between runs of the same report.
 RESULT_KEYS = ("model", "method", "method_params", "distill", "finetune", "train_limit", "eval_limit")
+# Training options that cannot change a number (logging, checkpoint cadence, recomputation), and the value a field
+# added later had implicitly before it existed (stored configs written earlier lack it): group_by_length arrived
+# with the default True, but runs before it used plain shuffled batches.
+FINETUNE_NEUTRAL = ("report_to", "log_every", "checkpoint_every", "gradient_checkpointing")
+FINETUNE_BEFORE_IT_EXISTED = {"group_by_length": False}
+
+
+def _result_identity(config: dict) -> dict:
+    identity = {k: config.get(k) for k in RESULT_KEYS}
+    if isinstance(identity["finetune"], dict):
+        finetune = {**FINETUNE_BEFORE_IT_EXISTED, **identity["finetune"]}
+        identity["finetune"] = {k: v for k, v in finetune.items() if k not in FINETUNE_NEUTRAL}
+    return identity
 
 
 class ResultStore:
@@ -101,7 +114,7 @@ class ResultStore:
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {}
         stored = self.data.get("config")
-        if stored is not None and any(stored.get(k) != config.get(k) for k in RESULT_KEYS):
+        if stored is not None and _result_identity(stored) != _result_identity(config):
             raise ConfigError(f"{path} holds results of a different configuration; choose another --out")
         self.data["config"] = config
         self.data.setdefault("tasks", {})
