@@ -50,20 +50,20 @@ DISTILL = {"tokens": 150_000, "block_size": 128, "batch_size": 8, "lr": 1e-4, "e
 SHARES = {"85": 0.85, "50": 0.5}
 
 
-def middle_size(model: str) -> int:
-    """M, the middle blocks between the 2 + 2 adapter, from the model's config alone."""
+def middle_size(model: str, adapter: int = 2) -> int:
+    """M, the middle blocks between the adapter's `adapter` + `adapter` blocks, from the model's config alone."""
     from transformers import AutoConfig
 
     from offsite.models import resolve_model
 
     model_path, _ = resolve_model(model)
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-    return config.get_text_config().num_hidden_layers - 4
+    return config.get_text_config().num_hidden_layers - 2 * adapter
 
 
-def size_of(size: str, model: str) -> tuple[int, float]:
+def size_of(size: str, model: str, adapter: int = 2) -> tuple[int, float]:
     """(LayerDrop's k, the fraction of the middle's parameters) of a size on this model."""
-    m = middle_size(model)
+    m = middle_size(model, adapter)
     k = round(SHARES[size] * m)
     return k, k / m
 
@@ -109,8 +109,16 @@ def scaleot_kept(model: str, objective: str, alpha: float) -> tuple[list[int], l
     return replaced, [b for b in art.middle if b not in replaced]
 
 
-def method_spec(name: str, size: str, model: str = "smollm2-135m") -> tuple[str, dict, dict | None]:
+def method_spec(name: str, size: str, model: str = "smollm2-135m", adapter: int = 2) -> tuple[str, dict, dict | None]:
     """(method, method_params, distill settings) of a frontier point."""
+    if adapter != 2:  # a wider adapter (the tuned recipe): the same share of the narrower middle
+        if name not in TUNED_METHODS:
+            raise SystemExit(f"a {adapter} + {adapter} adapter is wired for {', '.join(TUNED_METHODS)} only, not {name}")
+        k, fraction = size_of(size, model, adapter)
+        wide = {"num_bottom": adapter, "num_top": adapter}
+        if name == "layerdrop":
+            return "layerdrop", {"num_kept": k, **wide}, None
+        return "gradot", {"target_fraction": round(fraction, 4), **wide}, None
     k, fraction = size_of(size, model)
     if name.startswith("scaleot-"):  # scaleot-<objective>, or scaleot-<objective>+direct: ranked by the direct swap measurement
         objective = name.removeprefix("scaleot-")
@@ -149,7 +157,13 @@ GRID = [f"{m}-50" for m in METHODS] + [f"{m}-85" for m in METHODS]
 SCALEOT_STUDY = ["ld@scaleot-match-50", "harm@ld-match-50", "scaleot-match+direct-50", "scaleot-lm-50", "scaleot-local-50",
                  "scaleot-local+direct-50", "scaleot-lm-85", "scaleot-local-85"]
 LAMBDA_SWEEP = ["gradot-bal0.3-50", "gradot-bal1-50", "gradot-bal3-50"]
-ALL_POINTS = GRID + SCALEOT_STUDY + LAMBDA_SWEEP
+# The data owner's recipe as tuned on validation (benchmarks/recipe.py: lr 3e-4, two epochs and a 3 + 3 adapter, each
+# +3 points there, +4.0 together); `<point>+tuned` evaluates it once on the evaluation docs. Full fine-tuning's best
+# validated recipe is the grid's own, so the `full` point stays its reference.
+TUNED = {"lr": 3e-4, "epochs": 2, "adapter": 3}
+TUNED_METHODS = ("layerdrop", "gradot")
+TUNED_POINTS = [f"{m}-{size}+tuned" for size in ("85", "50") for m in TUNED_METHODS]
+ALL_POINTS = GRID + SCALEOT_STUDY + LAMBDA_SWEEP + TUNED_POINTS
 
 
 def result_path(results: Path, point: str, seed: int) -> Path:
@@ -157,7 +171,9 @@ def result_path(results: Path, point: str, seed: int) -> Path:
 
 
 def point_config(point: str, seed: int, args) -> ReportConfig:
-    finetune = FinetuneConfig(lr=args.lr, batch_size=8, epochs=1, max_length=128, seed=seed,
+    tuned = point.endswith("+tuned")
+    recipe = TUNED if tuned else {"lr": args.lr, "epochs": 1, "adapter": 2}
+    finetune = FinetuneConfig(lr=recipe["lr"], batch_size=8, epochs=recipe["epochs"], max_length=128, seed=seed,
                               group_by_length=False)  # the grid's recipe, fixed before the default changed
     common = dict(model=args.model, tasks=args.tasks.split(","), finetune=finetune, train_limit=args.train_limit,
                   eval_limit=args.eval_limit, results=str(result_path(Path(args.results), point, seed)),
@@ -165,8 +181,8 @@ def point_config(point: str, seed: int, args) -> ReportConfig:
     if point == "full":
         return ReportConfig(method="layerdrop", method_params={"num_kept": 2}, settings=point_settings(point, seed, args),
                             perplexity_chars=20_000, **common)
-    name, size = point.rsplit("-", 1)
-    method, params, distill = method_spec(name, size, args.model)  # may run ScaleOT stage (a): only when measuring
+    name, size = point.removesuffix("+tuned").rsplit("-", 1)
+    method, params, distill = method_spec(name, size, args.model, recipe["adapter"])  # may run ScaleOT stage (a): only when measuring
     return ReportConfig(method=method, method_params=params, distill=distill, settings=point_settings(point, seed, args),
                         healing_steps=args.healing_steps if size == "50" else 0, perplexity_chars=20_000, **common)
 
@@ -279,7 +295,8 @@ def frontier_rows(results: Path, tasks: list[str], args, points: list[str] | Non
         plugin = outcomes(runs, tasks, "plugin") if runs else None
         if plugin is None:
             continue
-        name, size = point.rsplit("-", 1)
+        name, size = point.removesuffix("+tuned").rsplit("-", 1)
+        name += " (tuned)" if point.endswith("+tuned") else ""
         emu_ft, emu_zs = outcomes(runs, tasks, "emulator_ft"), outcomes(runs, tasks, "emulator_zs")
         first = runs[0]["tasks"]
         row = {"point": point, "method": name, "size": size, "seeds": len(runs), "plugin": mean_acc(plugin),
@@ -312,7 +329,9 @@ def markdown(rows: list[dict], full: dict, tasks: list[str], args) -> str:
         f"Model {args.model}; adapter 2+2 full blocks; lr {args.lr}, batch 8, 1 epoch over {args.train_limit} train examples "
         f"per task and seed; first {args.eval_limit} docs of each standard zero-shot split of {', '.join(tasks)}. Raw accuracy %, "
         "mean over the tasks (and over seeds where there are two). Brackets: paired bootstrap 95% intervals of the difference "
-        "(10,000 resamples, stratified by task).",
+        "(10,000 resamples, stratified by task). Rows marked (tuned): the recipe chosen on validation (lr "
+        f"{TUNED['lr']}, {TUNED['epochs']} epochs, a {TUNED['adapter']} + {TUNED['adapter']} adapter, the same share of the "
+        "narrower middle), scored once on these docs; their LayerDrop column is against the grid's recipe.",
         "",
         f"Full model: zero-shot {pct(full['full_zs'])}, fine-tuned {pct(full['full_ft'])} ({full['full_ft_seeds']} seed(s))"
         + (f", fine-tuning gains {full['ft_vs_zs']}" if "ft_vs_zs" in full else "") + f"; perplexity {pct(full['ppl'])}.",
@@ -441,7 +460,8 @@ def main() -> None:
     plot(rows, full, results / "frontier.png", f"{args.model}: plug-in vs emulator fine-tuned ({', '.join(tasks)})")
     print(table)
     if args.update_readme:
-        update_readme("frontier", table)
+        # The default model's record is the README's frontier table; another model's goes in its own block.
+        update_readme("frontier" if args.model == "smollm2-135m" else f"frontier-{Path(args.model).name}", table)
 
 
 if __name__ == "__main__":
