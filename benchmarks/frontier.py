@@ -163,7 +163,8 @@ LAMBDA_SWEEP = ["gradot-bal0.3-50", "gradot-bal1-50", "gradot-bal3-50"]
 TUNED = {"lr": 3e-4, "epochs": 2, "adapter": 3}
 TUNED_METHODS = ("layerdrop", "gradot")
 TUNED_POINTS = [f"{m}-{size}+tuned" for size in ("85", "50") for m in TUNED_METHODS]
-ALL_POINTS = GRID + SCALEOT_STUDY + LAMBDA_SWEEP + TUNED_POINTS
+# The study repeats the grid's ScaleOT points for its own reading; each point is listed (and tabled) once.
+ALL_POINTS = list(dict.fromkeys(GRID + SCALEOT_STUDY + LAMBDA_SWEEP + TUNED_POINTS))
 
 
 def result_path(results: Path, point: str, seed: int) -> Path:
