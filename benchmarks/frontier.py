@@ -154,8 +154,8 @@ METHODS = ("layerdrop", "gradot", "scaleot-local", "crash", "layerdrop+kd", "mag
 # Grid order: the 50% size first (where methods differ most), then 85%.
 GRID = [f"{m}-50" for m in METHODS] + [f"{m}-85" for m in METHODS]
 # ScaleOT's objectives and ablations (issue: which component fails), and GradOT's lambda sweep.
-SCALEOT_STUDY = ["ld@scaleot-match-50", "harm@ld-match-50", "scaleot-match+direct-50", "scaleot-lm-50", "scaleot-local-50",
-                 "scaleot-local+direct-50", "scaleot-lm-85", "scaleot-local-85"]
+SCALEOT_STUDY = ["scaleot-match-50", "ld@scaleot-match-50", "harm@ld-match-50", "scaleot-match+direct-50", "scaleot-lm-50",
+                 "scaleot-local-50", "scaleot-local+direct-50", "scaleot-match-85", "scaleot-lm-85", "scaleot-local-85"]
 LAMBDA_SWEEP = ["gradot-bal0.3-50", "gradot-bal1-50", "gradot-bal3-50"]
 # The data owner's recipe as tuned on validation (benchmarks/recipe.py: lr 3e-4, two epochs and a 3 + 3 adapter, each
 # +3 points there, +4.0 together); `<point>+tuned` evaluates it once on the evaluation docs. Full fine-tuning's best
