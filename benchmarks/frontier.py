@@ -281,6 +281,11 @@ def study_lines(rows: list[dict], title: str = "ScaleOT study", pairs: list[tupl
     return (f"\n\n{title}, differences in points with paired 95% intervals:\n\n" + "\n".join(lines)) if lines else ""
 
 
+def method_name(point: str) -> str:
+    """The table's method label of a point: 'gradot-85' -> 'gradot', 'layerdrop-85+tuned' -> 'layerdrop (tuned)'."""
+    return point.removesuffix("+tuned").rsplit("-", 1)[0] + (" (tuned)" if point.endswith("+tuned") else "")
+
+
 def mean_acc(per_task) -> float:
     return 100 * sum(x.mean() for x in per_task) / len(per_task)
 
@@ -296,8 +301,7 @@ def frontier_rows(results: Path, tasks: list[str], args, points: list[str] | Non
         plugin = outcomes(runs, tasks, "plugin") if runs else None
         if plugin is None:
             continue
-        name, size = point.removesuffix("+tuned").rsplit("-", 1)
-        name += " (tuned)" if point.endswith("+tuned") else ""
+        name, size = method_name(point), point.removesuffix("+tuned").rsplit("-", 1)[1]
         emu_ft, emu_zs = outcomes(runs, tasks, "emulator_ft"), outcomes(runs, tasks, "emulator_zs")
         first = runs[0]["tasks"]
         row = {"point": point, "method": name, "size": size, "seeds": len(runs), "plugin": mean_acc(plugin),
@@ -380,7 +384,10 @@ def plot(rows: list[dict], full: dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     markers = {"85": "o", "50": "s"}
-    colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    # One colour per method across every plot, in the grid's order, so the two plots read alike.
+    # tab10 for the first ten (the grid's methods first), then tab20's light shades.
+    colours = {m: f"C{i}" if i < 10 else plt.cm.tab20((2 * (i - 10) + 1) % 20)
+               for i, m in enumerate(dict.fromkeys(map(method_name, ALL_POINTS)))}
     for r in rows:
         if r["emulator_ft"] is None:
             continue
@@ -455,6 +462,7 @@ def main() -> None:
     rows6, full6 = frontier_rows(results, six, args, points=SIX_TASK_POINTS[1:])
     if rows6 and full6["full_ft"] is not None:
         table += "\n\nThe six OT tasks, each method's 85% point (seed 0):\n\n" + markdown(rows6, full6, six, args)
+        plot(rows6, full6, results / "frontier-six-tasks.png", f"{args.model}: the six OT tasks, each method at ~85%")
     table += "\n\nEvery number measured so far (raw accuracy %, 500 docs per task; ARC-Challenge 299):\n\n" + per_task_table(results, tasks, args)
     results.mkdir(parents=True, exist_ok=True)
     (results / "table.md").write_text(table + "\n")
