@@ -196,8 +196,9 @@ def point_settings(point: str, seed: int, args) -> list[str]:
 
 def seeds_of(point: str, args) -> list[int]:
     """Two data-owner seeds for the baseline and the grid's 50% points (where the claims are made); one for
-    the 85% points, the lambda sweep and the ablations (until a second is run with --seeds)."""
-    if point == "full" or (point in GRID and point.endswith("-50")):
+    the 85% points, the lambda sweep and the ablations (until a second is run with --seeds). The six-task record
+    is one seed throughout, its full-model baseline included."""
+    if (point == "full" and not getattr(args, "six_tasks", False)) or (point in GRID and point.endswith("-50")):
         return args.seeds_list
     return args.seeds_list[:1]
 
