@@ -167,6 +167,18 @@ TUNED_POINTS = [f"{m}-{size}+tuned" for size in ("85", "50") for m in TUNED_METH
 ALL_POINTS = list(dict.fromkeys(GRID + SCALEOT_STUDY + LAMBDA_SWEEP + TUNED_POINTS))
 
 
+def parse_point(point: str) -> tuple[str, str, bool]:
+    """'layerdrop-85+tuned' -> ('layerdrop', '85', True): the method as method_spec names it, the size, the tuned recipe."""
+    name, size = point.removesuffix("+tuned").rsplit("-", 1)
+    return name, size, point.endswith("+tuned")
+
+
+def method_name(point: str) -> str:
+    """The tables' and plots' method label: 'gradot-85' -> 'gradot', 'layerdrop-85+tuned' -> 'layerdrop (tuned)'."""
+    name, _, tuned = parse_point(point)
+    return name + (" (tuned)" if tuned else "")
+
+
 def result_path(results: Path, point: str, seed: int) -> Path:
     return results / f"{point.replace('+', '_').replace('@', '_at_')}-s{seed}.json"
 
@@ -182,7 +194,7 @@ def point_config(point: str, seed: int, args) -> ReportConfig:
     if point == "full":
         return ReportConfig(method="layerdrop", method_params={"num_kept": 2}, settings=point_settings(point, seed, args),
                             perplexity_chars=20_000, **common)
-    name, size = point.removesuffix("+tuned").rsplit("-", 1)
+    name, size, _ = parse_point(point)
     method, params, distill = method_spec(name, size, args.model, recipe["adapter"])  # may run ScaleOT stage (a): only when measuring
     return ReportConfig(method=method, method_params=params, distill=distill, settings=point_settings(point, seed, args),
                         healing_steps=args.healing_steps if size == "50" else 0, perplexity_chars=20_000, **common)
@@ -198,7 +210,7 @@ def seeds_of(point: str, args) -> list[int]:
     """Two data-owner seeds for the baseline and the grid's 50% points (where the claims are made); one for
     the 85% points, the lambda sweep and the ablations (until a second is run with --seeds). The six-task record
     is one seed throughout, its full-model baseline included."""
-    if (point == "full" and not getattr(args, "six_tasks", False)) or (point in GRID and point.endswith("-50")):
+    if (point == "full" and not args.six_tasks) or (point in GRID and point.endswith("-50")):
         return args.seeds_list
     return args.seeds_list[:1]
 
@@ -282,11 +294,6 @@ def study_lines(rows: list[dict], title: str = "ScaleOT study", pairs: list[tupl
     return (f"\n\n{title}, differences in points with paired 95% intervals:\n\n" + "\n".join(lines)) if lines else ""
 
 
-def method_name(point: str) -> str:
-    """The table's method label of a point: 'gradot-85' -> 'gradot', 'layerdrop-85+tuned' -> 'layerdrop (tuned)'."""
-    return point.removesuffix("+tuned").rsplit("-", 1)[0] + (" (tuned)" if point.endswith("+tuned") else "")
-
-
 def mean_acc(per_task) -> float:
     return 100 * sum(x.mean() for x in per_task) / len(per_task)
 
@@ -302,7 +309,7 @@ def frontier_rows(results: Path, tasks: list[str], args, points: list[str] | Non
         plugin = outcomes(runs, tasks, "plugin") if runs else None
         if plugin is None:
             continue
-        name, size = method_name(point), point.removesuffix("+tuned").rsplit("-", 1)[1]
+        name, size = method_name(point), parse_point(point)[1]
         emu_ft, emu_zs = outcomes(runs, tasks, "emulator_ft"), outcomes(runs, tasks, "emulator_zs")
         first = runs[0]["tasks"]
         row = {"point": point, "method": name, "size": size, "seeds": len(runs), "plugin": mean_acc(plugin),
